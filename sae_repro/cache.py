@@ -1,0 +1,72 @@
+"""Content-addressed, atomically written on-disk cache.
+
+Every artifact (downloaded package, converted model, activation shards, trained SAE) lives
+under `cache_dir() / kind / key`, where `key` is a hash of the inputs that produced it.
+Writes go to a temporary sibling and are renamed into place, so a killed run never leaves a
+half-written file that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def cache_dir() -> Path:
+    """Root of all caches: $SAE_REPRO_CACHE, else `.cache/` at the repository root."""
+    env = os.environ.get("SAE_REPRO_CACHE")
+    root = Path(env) if env else Path(__file__).resolve().parent.parent / ".cache"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def hash_inputs(obj: Any, n: int = 16) -> str:
+    """Stable short hash of a JSON-serialisable description of inputs."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it onto `final` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    os.unlink(tmp)  # the caller creates a file or a directory there
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final) if not final.is_dir() else _replace_dir(tmp_path, final)
+    finally:
+        if tmp_path.is_dir():
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        elif tmp_path.exists():
+            tmp_path.unlink()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
