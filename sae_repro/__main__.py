@@ -1,0 +1,4 @@
+from sae_repro.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,386 @@
+"""Dark-matter decomposition of SAE error (Engels, Riggs, Tegmark 2024), as in the authors' code.
+
+    SaeError(x)       = x - Sae(x)
+    LinearError(x)    = x @ W*,  W* = argmin_W sum_t ||x_t W - SaeError(x_t)||^2   (plain lstsq)
+    NonlinearError(x) = SaeError(x) - LinearError(x)
+    so  x = Sae(x) + LinearError(x) + NonlinearError(x)  exactly.
+
+W* is fitted on a random subset of tokens and scored on the rest. Regressions run in float64.
+Also here: error-norm prediction, per-token scaling across widths, the width power law, and
+inference-time gradient pursuit on an SAE's own decoder.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import OptimizeWarning, curve_fit
+from torch import Tensor
+
+from sae_repro.metrics import fvu
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_2d(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n_tokens, d], got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf; only finite values are allowed")
+
+
+def _check_pair(name_a: str, a: Tensor, name_b: str, b: Tensor, *, same_width: bool = True) -> None:
+    _check_2d(name_a, a)
+    _check_2d(name_b, b)
+    if a.shape[0] != b.shape[0] or (same_width and a.shape != b.shape):
+        want = "the same shape" if same_width else "the same number of tokens"
+        raise ValueError(
+            f"{name_a} and {name_b} must have {want}, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def _as_column(name: str, t: Tensor) -> Tensor:
+    """A per-token scalar [n] (or [n, 1]) -> [n, 1]."""
+    if isinstance(t, Tensor) and t.ndim == 1:
+        t = t[:, None]
+    _check_2d(name, t)
+    if t.shape[1] != 1:
+        raise ValueError(f"{name} must be one scalar per token, shape [n_tokens], got {tuple(t.shape)}")
+    return t
+
+
+# ----------------------------------------------------------------------------- R^2 scores
+
+
+def r2_per_dim(y_true: Tensor, y_pred: Tensor) -> float:
+    """R^2 of each output dimension, averaged over dimensions.  y_true, y_pred: [n, d].
+
+    This is the vector score the paper reports (the authors' `calculate_r_squared`): every
+    dimension counts equally, however little variance it has. A dimension with zero variance
+    scores 1 if predicted exactly and 0 otherwise (sklearn's convention; the authors' code would
+    give NaN/-inf there).
+    """
+    _check_pair("y_true", y_true, "y_pred", y_pred)
+    y, p = y_true.double(), y_pred.double()
+    ss_res = (y - p).pow(2).sum(0)
+    ss_tot = (y - y.mean(0, keepdim=True)).pow(2).sum(0)
+    flat = ss_tot == 0
+    r2 = 1 - ss_res / torch.where(flat, torch.ones_like(ss_tot), ss_tot)
+    r2 = torch.where(flat, (ss_res == 0).double(), r2)
+    return float(r2.mean())
+
+
+def r2_total(y_true: Tensor, y_pred: Tensor) -> float:
+    """1 - sum ||y - y_pred||^2 / sum ||y - mean(y)||^2, pooled over dimensions.  [n, d] each.
+
+    Equals `1 - fvu(y_true, y_pred)`: high-variance dimensions dominate. Not the paper's vector
+    score (that is `r2_per_dim`); for a single output column the two coincide.
+    """
+    _check_pair("y_true", y_true, "y_pred", y_pred)
+    return 1.0 - fvu(y_true, y_pred)
+
+
+# ----------------------------------------------------------------------------- linear error
+
+
+@dataclass
+class LinearFit:
+    """Least-squares map from activations to a target (the SAE error, or a norm).
+
+    W: [d_in (+1 if bias), d_out] float64; the last row is the intercept when bias=True.
+    Scores are per-dimension-averaged R^2 (the paper's) and pooled R^2 (= 1 - FVU).
+    """
+
+    W: Tensor
+    bias: bool
+    r2_per_dim_train: float
+    r2_per_dim_test: float
+    r2_total_train: float
+    r2_total_test: float
+    n_train: int
+    n_test: int
+    train_idx: Tensor  # [n_train] token indices used for the fit; the rest are the test set
+    test_idx: Tensor  # [n_test]
+
+    def predict(self, x: Tensor) -> Tensor:
+        """x: [n, d_in] -> [n, d_out], in x's dtype (computed in float64)."""
+        d_in = self.W.shape[0] - int(self.bias)
+        _check_2d("x", x)
+        if x.shape[1] != d_in:
+            raise ValueError(f"x must have {d_in} columns (the fit's d_in), got {x.shape[1]}")
+        return (_design(x, self.bias) @ self.W.to(x.device)).to(x.dtype)
+
+
+def _design(x: Tensor, bias: bool) -> Tensor:
+    """[n, d] -> float64 [n, d (+1)], a column of ones appended for the intercept."""
+    x = x.double()
+    return torch.cat([x, torch.ones_like(x[:, :1])], 1) if bias else x
+
+
+def _split(n: int, train_frac: float, seed: int, train_idx: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Random (seeded) train/test token indices, or the complement of a given train_idx."""
+    if train_idx is None:
+        if not 0.0 < train_frac < 1.0:
+            raise ValueError(f"train_frac must be in (0, 1), got {train_frac}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_train = int(round(train_frac * n))
+        return perm[:n_train].sort().values, perm[n_train:].sort().values
+    train_idx = torch.as_tensor(train_idx, dtype=torch.long).flatten().cpu()
+    if len(train_idx) and (train_idx.min() < 0 or train_idx.max() >= n):
+        raise ValueError(f"train_idx must hold token indices in [0, {n}), got out-of-range values")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[train_idx] = True
+    if int(mask.sum()) != len(train_idx):
+        raise ValueError("train_idx must not repeat indices")
+    return train_idx.sort().values, (~mask).nonzero().flatten()
+
+
+def linear_error_fit(
+    x: Tensor,
+    err: Tensor,
+    *,
+    train_frac: float = 0.5,
+    bias: bool = False,
+    seed: int = 0,
+    train_idx: Tensor | None = None,
+) -> LinearFit:
+    """Fit err ~ x @ W by least squares on a random train split; score on held-out tokens.
+
+    x: [n, d_in] activations; err: [n, d_out] target, usually the SAE error x - Sae(x).
+    bias=False matches the paper's plain `lstsq` (no intercept). `train_idx` overrides the random
+    split (the rest is the test set). Needs n_train > d_in + 1 and at least 2 test tokens.
+    """
+    _check_pair("x", x, "err", err, same_width=False)
+    n, d_in = x.shape
+    tr, te = _split(n, train_frac, seed, train_idx)
+    if len(tr) <= d_in + 1:
+        raise ValueError(
+            f"n_train must exceed d_in + 1 = {d_in + 1} for the regression to be determined, "
+            f"got n_train={len(tr)} (n_tokens={n}, train_frac={train_frac})"
+        )
+    if len(te) < 2:
+        raise ValueError(f"need at least 2 held-out tokens to score the fit, got n_test={len(te)}")
+    dev = x.device
+    A, y = _design(x, bias), err.double()
+    tr_d, te_d = tr.to(dev), te.to(dev)
+    # float64 + a small rcond (the authors use 1e-9) keeps near-collinear activations stable
+    W = torch.linalg.lstsq(A[tr_d], y[tr_d], rcond=1e-9 if dev.type == "cpu" else None).solution
+    pred_tr, pred_te = A[tr_d] @ W, A[te_d] @ W
+    return LinearFit(
+        W=W,
+        bias=bias,
+        r2_per_dim_train=r2_per_dim(y[tr_d], pred_tr),
+        r2_per_dim_test=r2_per_dim(y[te_d], pred_te),
+        r2_total_train=r2_total(y[tr_d], pred_tr),
+        r2_total_test=r2_total(y[te_d], pred_te),
+        n_train=len(tr),
+        n_test=len(te),
+        train_idx=tr,
+        test_idx=te,
+    )
+
+
+@dataclass
+class Decomposition:
+    """sae_error = x - x_hat = linear + nonlinear.  All [n, d]."""
+
+    sae_error: Tensor  # x - Sae(x)
+    linear: Tensor  # LinearError(x) = fit.predict(x)
+    nonlinear: Tensor  # NonlinearError(x) = sae_error - linear
+
+
+def decompose(x: Tensor, x_hat: Tensor, fit: LinearFit) -> Decomposition:
+    """Split the SAE error of x into its linear and nonlinear parts.  x, x_hat: [n, d].
+
+    By construction x == x_hat + linear + nonlinear up to float rounding.
+    """
+    _check_pair("x", x, "x_hat", x_hat)
+    sae_error = x - x_hat
+    linear = fit.predict(x)
+    if linear.shape != sae_error.shape:
+        raise ValueError(f"fit predicts shape {tuple(linear.shape)} but the SAE error is {tuple(sae_error.shape)}")
+    return Decomposition(sae_error=sae_error, linear=linear, nonlinear=sae_error - linear)
+
+
+def nonlinear_fvu(x: Tensor, x_hat: Tensor, fit: LinearFit) -> float:
+    """FVU of Sae(x) + LinearError(x), i.e. the share of variance left in NonlinearError.  [n, d]."""
+    _check_pair("x", x, "x_hat", x_hat)
+    return fvu(x, x_hat + fit.predict(x))
+
+
+def norm_prediction(
+    x: Tensor, target_norm_sq: Tensor, *, train_frac: float = 0.5, seed: int = 0
+) -> LinearFit:
+    """Regress a per-token scalar (the paper: ||SaeError(x)||^2) on [x, 1]; read `.r2_total_test`.
+
+    x: [n, d]; target_norm_sq: [n]. The held-out R^2 is the paper's "more than 90% of the error
+    norm is linearly predictable" headline. (With one output, per-dim and pooled R^2 agree.)
+    """
+    target = _as_column("target_norm_sq", target_norm_sq)
+    return linear_error_fit(x, target, train_frac=train_frac, bias=True, seed=seed)
+
+
+# ----------------------------------------------------------------------------- per-token scaling
+
+
+@dataclass
+class PerTokenScaling:
+    """Held-out R^2 of ||SaeError_j|| from ||SaeError_i|| (widths i < j), with and without
+    ||NonlinearError_i|| as an extra regressor."""
+
+    r2_without: float
+    r2_with: float | None  # None if nonlinear_norm_i was not given
+    share_removed: float | None  # (r2_with - r2_without) / (1 - r2_without)
+    n_train: int
+    n_test: int
+
+
+def per_token_scaling(
+    err_norm_i: Tensor,
+    err_norm_j: Tensor,
+    nonlinear_norm_i: Tensor | None = None,
+    *,
+    train_frac: float = 0.5,
+    seed: int = 0,
+) -> PerTokenScaling:
+    """Does the smaller SAE's error norm predict the larger one's, token by token?  All [n].
+
+    Regresses ||SaeError_j|| on [||SaeError_i||, 1] (plain norms) and, if given, on
+    [||SaeError_i||, ||NonlinearError_i||, 1]; both fits use the same split and are scored on
+    held-out tokens. `share_removed` is the part of the remaining unexplained variance that the
+    nonlinear norm removes.
+    """
+    a = _as_column("err_norm_i", err_norm_i)
+    y = _as_column("err_norm_j", err_norm_j)
+    _check_pair("err_norm_i", a, "err_norm_j", y)
+    base = linear_error_fit(a, y, train_frac=train_frac, bias=True, seed=seed)
+    if nonlinear_norm_i is None:
+        return PerTokenScaling(base.r2_total_test, None, None, base.n_train, base.n_test)
+    b = _as_column("nonlinear_norm_i", nonlinear_norm_i)
+    _check_pair("err_norm_i", a, "nonlinear_norm_i", b)
+    full = linear_error_fit(torch.cat([a, b], 1), y, bias=True, train_idx=base.train_idx)
+    r0, r1 = base.r2_total_test, full.r2_total_test
+    share = (r1 - r0) / (1 - r0) if r0 < 1 else float("nan")
+    return PerTokenScaling(r0, r1, share, base.n_train, base.n_test)
+
+
+# ----------------------------------------------------------------------------- width power law
+
+
+@dataclass
+class PowerLawFit:
+    """FVU(W) = c + a * W^m with standard errors (sqrt of curve_fit's covariance diagonal).
+
+    c is the floor that widening the SAE never removes; a > 0, m < 0.
+    """
+
+    c: float
+    a: float
+    m: float
+    c_se: float
+    a_se: float
+    m_se: float
+
+    def predict(self, widths: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+        w = np.asarray(widths, dtype=np.float64)
+        return self.c + self.a * w**self.m
+
+
+def fit_power_law(widths: Sequence[float] | np.ndarray | Tensor, fvus: Sequence[float] | np.ndarray | Tensor) -> PowerLawFit:
+    """Fit FVU(W) = c + a * W^m (a > 0, m < 0, c >= 0) with scipy's curve_fit.
+
+    widths: [k] SAE widths (> 0); fvus: [k]. Needs k >= 3; with exactly 3 points the standard
+    errors are inf (no residual degrees of freedom). Widths are rescaled by their smallest
+    value inside the fit so that a and m are well conditioned; a and its error are mapped back.
+    """
+    w = np.asarray(widths, dtype=np.float64).ravel()
+    f = np.asarray(fvus, dtype=np.float64).ravel()
+    if w.shape != f.shape:
+        raise ValueError(f"widths and fvus must have the same length, got {w.size} and {f.size}")
+    if w.size < 3:
+        raise ValueError(f"need at least 3 (width, fvu) points for 3 parameters, got {w.size}")
+    if not (np.isfinite(w).all() and np.isfinite(f).all()):
+        raise ValueError("widths and fvus must be finite (no NaN/inf)")
+    if (w <= 0).any():
+        raise ValueError("widths must be > 0")
+    w0 = w.min()
+    u = w / w0
+
+    def law(u: np.ndarray, c: float, a0: float, m: float) -> np.ndarray:
+        return c + a0 * u**m
+
+    # p0: floor at half the best FVU, then a log-log line through what is above it
+    c0 = 0.5 * max(f.min(), 0.0)
+    above = np.clip(f - c0, 1e-12, None)
+    slope, icpt = np.polyfit(np.log(u), np.log(above), 1) if np.ptp(u) > 0 else (-0.5, np.log(above.mean()))
+    p0 = [c0, max(math.exp(icpt), 1e-12), min(slope, -1e-3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)  # pcov = inf with 0 dof is reported below
+        popt, pcov = curve_fit(
+            law, u, f, p0=p0, bounds=([0.0, 0.0, -np.inf], [np.inf, np.inf, 0.0]), maxfev=20000
+        )
+    c, a0, m = popt
+    a = a0 * w0 ** (-m)
+    # delta method for a = a0 * w0^(-m): da = w0^(-m) da0 - a ln(w0) dm
+    J = np.array([0.0, w0 ** (-m), -a * math.log(w0)])
+    var_a = float(J @ pcov @ J) if np.isfinite(pcov).all() else float("inf")
+    se = np.sqrt(np.diag(pcov)) if np.isfinite(pcov).all() else np.full(3, np.inf)
+    return PowerLawFit(c=float(c), a=float(a), m=float(m), c_se=float(se[0]), a_se=math.sqrt(max(var_a, 0.0)), m_se=float(se[2]))
+
+
+# ----------------------------------------------------------------------------- gradient pursuit
+
+
+@torch.no_grad()
+def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Tensor) -> Tensor:
+    """Inference-time gradient pursuit on an SAE decoder (the paper's Sec. on better encoders).
+
+    x: [n_tokens, d]; W_dec: [n_latents, d] (rows unit norm); b_dec: [d];
+    n_active: int or LongTensor [n_tokens], steps per token (the SAE's own L0 on that token).
+    Returns codes [n_tokens, n_latents] >= 0; reconstruction = codes @ W_dec + b_dec.
+
+    Each step, as in the authors' code: r = x - b_dec - codes @ W_dec; support = (codes != 0)
+    plus argmax(r @ W_dec.T); g = (r @ W_dec.T) on the support; c = g @ W_dec; codes += g *
+    <c, r> / <c, c>; clamp codes >= 0. A token stops (is frozen) after n_active[t] steps. As in
+    the authors' code, a step may re-pick a latent already in the support or clamp one to zero,
+    so the final L0 is <= n_active[t] (equal in the generic case).
+    """
+    _check_2d("x", x)
+    _check_2d("W_dec", W_dec)
+    if W_dec.shape[1] != x.shape[1]:
+        raise ValueError(f"W_dec must be [n_latents, d={x.shape[1]}], got {tuple(W_dec.shape)}")
+    if b_dec.shape != (x.shape[1],) or not torch.isfinite(b_dec).all():
+        raise ValueError(f"b_dec must be a finite [d={x.shape[1]}] vector, got shape {tuple(b_dec.shape)}")
+    n = x.shape[0]
+    steps = torch.as_tensor(n_active, device=x.device)
+    if steps.is_floating_point() or steps.ndim > 1 or (steps.ndim == 1 and steps.shape[0] != n):
+        raise ValueError(f"n_active must be an int or an integer tensor [n_tokens={n}], got {n_active!r:.80}")
+    steps = steps.long().expand(n)
+    if (steps < 0).any():
+        raise ValueError("n_active must be >= 0")
+
+    dtype = torch.promote_types(x.dtype, W_dec.dtype)
+    W = W_dec.to(dtype)
+    signal = x.to(dtype) - b_dec.to(dtype)  # [n, d]
+    codes = torch.zeros(n, W.shape[0], dtype=dtype, device=x.device)
+    rows = torch.arange(n, device=x.device)
+    for step in range(int(steps.max()) if n else 0):
+        live = (steps > step)[:, None]  # [n, 1] tokens still taking steps
+        r = signal - codes @ W  # [n, d]
+        corr = r @ W.T  # [n, n_latents]; minus the gradient of 0.5 ||r||^2
+        support = codes != 0
+        support[rows, corr.argmax(1)] = True
+        g = corr * support
+        c = g @ W  # [n, d]
+        num, den = (c * r).sum(1), (c * c).sum(1)
+        step_size = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), 0.0)  # r == 0 -> no move
+        new = (codes + step_size[:, None] * g).clamp_min(0)
+        codes = torch.where(live, new, codes)
+    return codes

@@ -1,0 +1,232 @@
+"""Synthetic check of the linear / nonlinear error split (Engels et al. 2024, "synthetic" section).
+
+The question: when we split an SAE's error into LinearError (predictable from x by a linear map)
+and NonlinearError (the rest), do the two parts measure different things? We test it on data
+where we *know* what went wrong, by planting two kinds of Gaussian noise:
+
+* activation noise  n_a, added to the activations only:   x' = x + n_a.
+  The SAE never sees it (its reconstruction is made from the clean x), so the error x' - x_hat
+  contains n_a. But n_a is also *inside the regression's input* x', so a linear map from x' can
+  recover much of it: it should show up as **linear** error. (It stands for a dense direction,
+  or a feature the SAE has not learned, that is present in x.)
+* reconstruction noise  n_r, added to the reconstruction only:   x_hat' = x_hat + n_r.
+  It is independent of x', so no function of x' can predict it: it should show up as
+  **nonlinear** error. (It stands for the SAE's own mistakes.)
+
+Over a grid of (activation scale, reconstruction scale) we fit the linear error, decompose, and
+correlate the planted scales with the measured norms. Expected (the paper's 2x2 table): strong
+diagonal (activation noise <-> linear error, reconstruction noise <-> nonlinear error), weak
+off-diagonal. As in the paper, the "true" reconstruction is a clean sparse code times a
+dictionary (the paper used Gemma Scope reconstructions as the true activations); here the
+activations themselves are built from known sparse features by `sparse_features`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from sae_repro.decomposition import decompose, linear_error_fit
+from sae_repro.metrics import fvu
+
+# ----------------------------------------------------------------------------- activations
+
+
+@dataclass
+class SyntheticActivations:
+    """Activations made of known parts:  x = codes @ dictionary + dense."""
+
+    x: Tensor  # [n_tokens, d_model]
+    codes: Tensor  # [n_tokens, n_features], sparse, >= 0
+    dictionary: Tensor  # [n_features, d_model], unit-norm rows
+    dense: Tensor  # [n_tokens, d_model], the dense low-rank part (zeros if dense_dim == 0)
+    firing_prob: Tensor  # [n_features], the Zipf firing probability of each feature
+
+    @property
+    def sparse(self) -> Tensor:
+        """The part a perfect SAE could reconstruct: codes @ dictionary.  [n_tokens, d_model]."""
+        return self.codes @ self.dictionary
+
+
+def zipf_firing_prob(n_features: int, avg_active: float, zipf_exponent: float = 1.0) -> Tensor:
+    """p_i proportional to (i+1)^-zipf_exponent, scaled so sum_i p_i = avg_active.  -> [n_features].
+
+    Probabilities above 1 are clipped, so the realised L0 is below avg_active if the head of the
+    curve saturates (raise n_features or lower avg_active to avoid it).
+    """
+    ranks = torch.arange(1, n_features + 1, dtype=torch.float64)
+    p = ranks.pow(-zipf_exponent)
+    return (avg_active * p / p.sum()).clamp(max=1.0)
+
+
+def sparse_features(
+    n_tokens: int,
+    d_model: int,
+    n_features: int,
+    *,
+    avg_active: float,
+    zipf_exponent: float = 1.0,
+    dense_dim: int = 0,
+    dense_scale: float = 0.0,
+    seed: int = 0,
+) -> SyntheticActivations:
+    """Sample activations from a known sparse dictionary plus an optional dense part.
+
+    - dictionary: n_features random Gaussian directions in R^d_model, normalised to unit norm.
+    - codes: feature i fires independently on each token with probability p_i ~ (i+1)^-zipf
+      (mean number active per token = avg_active); when it fires its magnitude is Exp(1).
+    - dense: Gaussian coordinates of std `dense_scale` (absolute units) in a random
+      `dense_dim`-dimensional subspace, on every token: structure no sparse code captures.
+    Everything is drawn from one torch.Generator seeded with `seed`. float32 outputs.
+    """
+    for name, v in [("n_tokens", n_tokens), ("d_model", d_model), ("n_features", n_features)]:
+        if int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if not 0 < avg_active <= n_features:
+        raise ValueError(f"avg_active must be in (0, n_features={n_features}], got {avg_active}")
+    if not 0 <= dense_dim <= d_model:
+        raise ValueError(f"dense_dim must be in [0, d_model={d_model}], got {dense_dim}")
+    if dense_scale < 0 or not math.isfinite(dense_scale):
+        raise ValueError(f"dense_scale must be finite and >= 0, got {dense_scale}")
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d_model, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    p = zipf_firing_prob(n_features, avg_active, zipf_exponent).float()
+    fires = torch.rand(n_tokens, n_features, generator=g) < p
+    magnitude = torch.empty(n_tokens, n_features).exponential_(1.0, generator=g)
+    codes = magnitude * fires
+    dense = torch.zeros(n_tokens, d_model)
+    if dense_dim > 0:
+        basis, _ = torch.linalg.qr(torch.randn(d_model, dense_dim, generator=g))  # [d, k] orthonormal
+        dense = dense_scale * torch.randn(n_tokens, dense_dim, generator=g) @ basis.T
+    return SyntheticActivations(
+        x=codes @ dictionary + dense, codes=codes, dictionary=dictionary, dense=dense, firing_prob=p
+    )
+
+
+# ----------------------------------------------------------------------------- noise injection
+
+
+def rms_norm(x: Tensor) -> float:
+    """sqrt(mean_t ||x_t||^2): the root-mean-square token norm (not mean-centred).  x: [n, d]."""
+    return float(x.double().pow(2).sum(1).mean().sqrt())
+
+
+def inject_noise(
+    x: Tensor,
+    x_hat: Tensor,
+    *,
+    activation_noise: float,
+    reconstruction_noise: float,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The paper's two planted errors.  x, x_hat: [n, d] -> (x + n_a, x_hat + n_r).
+
+    n_a, n_r: i.i.d. Gaussian, independent of each other and of x. A scale s means each token's
+    noise has expected squared norm s^2 * rms_norm(x)^2 (per-coordinate std s * rms_norm(x) /
+    sqrt(d)), so s = 1 is noise as large as a typical token.
+      activation noise -> in x (the regression input) but not in x_hat: becomes *linear* error.
+      reconstruction noise -> in x_hat only, independent of x: becomes *nonlinear* error.
+    """
+    if x.shape != x_hat.shape or x.ndim != 2:
+        raise ValueError(f"x and x_hat must be the same 2-D shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+    for name, s in [("activation_noise", activation_noise), ("reconstruction_noise", reconstruction_noise)]:
+        if not (math.isfinite(s) and s >= 0):
+            raise ValueError(f"{name} must be a finite scale >= 0, got {s}")
+    g = torch.Generator().manual_seed(seed)
+    sigma = rms_norm(x) / math.sqrt(x.shape[1])
+    n_a = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+    n_r = torch.randn(x.shape, generator=g, dtype=x.dtype).to(x.device)
+    return x + activation_noise * sigma * n_a, x_hat + reconstruction_noise * sigma * n_r
+
+
+# ----------------------------------------------------------------------------- the 2x2 table
+
+
+@dataclass
+class NoiseCorrelation:
+    """table: 2x2 Pearson correlations (rows: planted noise, columns: measured error);
+    grid: one row per (activation, reconstruction) scale pair, for plotting."""
+
+    table: pd.DataFrame
+    grid: pd.DataFrame
+
+
+def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor, test_idx: Tensor) -> dict[str, float]:
+    """Fit the linear error on train tokens; measure everything on the held-out tokens."""
+    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
+    xt, xht = x[test_idx], x_hat[test_idx]
+    dec = decompose(xt, xht, fit)
+    sq = lambda t: float(t.double().pow(2).sum(1).mean())  # noqa: E731 -- mean squared norm per token
+    fvu_sae, fvu_nonlin = fvu(xt, xht), fvu(xt, xht + dec.linear)
+    return {
+        "sae_error_sq_norm": sq(dec.sae_error),
+        "linear_error_sq_norm": sq(dec.linear),
+        "nonlinear_error_sq_norm": sq(dec.nonlinear),
+        "fvu_sae": fvu_sae,
+        "fvu_nonlinear": fvu_nonlin,
+        "fvu_linear": fvu_sae - fvu_nonlin,  # the paper's "linear estimate": FVU drop from adding LinearError
+        "r2_per_dim_test": fit.r2_per_dim_test,
+    }
+
+
+def noise_correlation_table(
+    base_x: Tensor,
+    base_x_hat: Tensor,
+    scales: Sequence[float],
+    *,
+    seed: int = 0,
+    train_frac: float = 0.5,
+    measure: Literal["sq_norm", "fvu"] = "sq_norm",
+) -> NoiseCorrelation:
+    """Plant noise over a scales x scales grid and correlate planted scales with measured errors.
+
+    base_x, base_x_hat: [n, d], the clean activations and their "true" reconstruction (e.g.
+    `acts.x` and `acts.sparse` from `sparse_features`). For each (s_a, s_r) in scales x scales:
+    x', x_hat' = inject_noise(base_x, base_x_hat, s_a, s_r); fit LinearError on a fixed random
+    train split (the same tokens at every grid point); on the held-out tokens record the mean
+    squared norm of SaeError, LinearError, NonlinearError and the FVU-style shares.
+
+    measure="sq_norm" correlates the scales with the mean squared norms (absolute sizes);
+    measure="fvu" with the paper's FVU quantities (linear: FVU(Sae) - FVU(Sae + Linear);
+    nonlinear: FVU(Sae + Linear)), which are shares of x' variance, itself growing with s_a.
+    """
+    if base_x.shape != base_x_hat.shape or base_x.ndim != 2:
+        raise ValueError(
+            f"base_x and base_x_hat must be the same 2-D shape, got {tuple(base_x.shape)} and {tuple(base_x_hat.shape)}"
+        )
+    scales = [float(s) for s in scales]
+    if len(set(scales)) < 2:
+        raise ValueError(f"scales must hold at least 2 distinct values to correlate, got {scales}")
+    if measure not in ("sq_norm", "fvu"):
+        raise ValueError(f"measure must be 'sq_norm' or 'fvu', got {measure!r}")
+    n = base_x.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_train = int(round(train_frac * n))
+    train_idx, test_idx = perm[:n_train].sort().values, perm[n_train:].sort().values
+    rows = []
+    for k, (s_a, s_r) in enumerate(itertools.product(scales, scales)):
+        x, x_hat = inject_noise(
+            base_x, base_x_hat, activation_noise=s_a, reconstruction_noise=s_r, seed=seed * 100_003 + k
+        )
+        rows.append({"activation_noise": s_a, "reconstruction_noise": s_r, **_grid_point(x, x_hat, train_idx, test_idx)})
+    grid = pd.DataFrame(rows)
+    cols = (
+        {"linear error": "linear_error_sq_norm", "nonlinear error": "nonlinear_error_sq_norm"}
+        if measure == "sq_norm"
+        else {"linear error": "fvu_linear", "nonlinear error": "fvu_nonlinear"}
+    )
+    planted = {"activation noise": "activation_noise", "reconstruction noise": "reconstruction_noise"}
+    table = pd.DataFrame(
+        [[np.corrcoef(grid[p], grid[m])[0, 1] for m in cols.values()] for p in planted.values()],
+        index=list(planted),
+        columns=list(cols),
+    )
+    return NoiseCorrelation(table=table, grid=grid)
