@@ -124,7 +124,8 @@ def build_book() -> Path:
     missing = [p.name for p in notebook_paths() if not (EXECUTED / p.name).exists()]
     if missing:
         raise RuntimeError(f"notebooks not executed yet: {missing}; run `sae-repro run` first")
-    cmd = [sys.executable, "-m", "jupyter_book.cli.main", "build", str(BOOK), "--builder", "html"]
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb), "build", str(BOOK), "--builder", "html", "--warningiserror"]
     subprocess.run(cmd, check=True)
     index = BOOK / "_build" / "html" / "index.html"
     print(f"[sae-repro] book: {index}")

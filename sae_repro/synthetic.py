@@ -197,6 +197,12 @@ def noise_correlation_table(
     measure="sq_norm" correlates the scales with the mean squared norms (absolute sizes);
     measure="fvu" with the paper's FVU quantities (linear: FVU(Sae) - FVU(Sae + Linear);
     nonlinear: FVU(Sae + Linear)), which are shares of x' variance, itself growing with s_a.
+
+    Why activation noise leaks a little into the nonlinear error: a linear map sees only
+    x' = x + n_a, so along a direction where x has variance lam and n_a has variance sig^2 it
+    recovers n_a only up to the fraction sig^2 / (lam + sig^2); the rest, lam * sig^2 / (lam + sig^2),
+    stays nonlinear. That leak saturates at the variance of x, so the off-diagonal is weak once
+    the planted noise is large next to x (scales up to ~2 and beyond) and grows for small scales.
     """
     if base_x.shape != base_x_hat.shape or base_x.ndim != 2:
         raise ValueError(

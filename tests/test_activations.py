@@ -70,7 +70,7 @@ def test_killed_run_resumes(isolated_cache, monkeypatch, count_writes):
     monkeypatch.setattr(A, "_write_shard", real)
     s = collect(spec())
     assert len(s.shards) == 6
-    assert not list(s.root.glob("*.tmp"))  # no half-written file left behind
+    assert not list(s.root.glob(".tmp-*"))  # no half-written file left behind
 
 
 def test_gradient_matches_finite_difference(isolated_cache):

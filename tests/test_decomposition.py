@@ -1,0 +1,237 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sae_repro.decomposition import (
+    decompose,
+    fit_power_law,
+    gradient_pursuit,
+    linear_error_fit,
+    nonlinear_fvu,
+    norm_prediction,
+    per_token_scaling,
+    r2_per_dim,
+    r2_total,
+)
+from sae_repro.metrics import fvu
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- linear error
+
+
+def test_linear_error_is_fully_predictable():
+    x = _randn(4000, 16)
+    err = x @ _randn(16, 16, seed=1)
+    fit = linear_error_fit(x, err, seed=0)
+    assert fit.r2_per_dim_test > 0.999 and fit.r2_total_test > 0.999
+    assert fit.n_train == 2000 and fit.n_test == 2000
+    assert fit.W.shape == (16, 16) and fit.W.dtype == torch.float64
+
+
+def test_independent_noise_is_not_predictable():
+    x, err = _randn(4000, 16), _randn(4000, 16, seed=1)
+    fit = linear_error_fit(x, err, seed=0)
+    assert abs(fit.r2_per_dim_test) < 0.05 and abs(fit.r2_total_test) < 0.05
+    # in-sample R^2 is optimistic by about d / n_train; held-out is not
+    assert fit.r2_per_dim_train > fit.r2_per_dim_test
+
+
+def test_split_is_seeded_and_overridable():
+    x = _randn(500, 4)
+    err = x @ _randn(4, 4, seed=1) + 0.1 * _randn(500, 4, seed=2)
+    a, b = linear_error_fit(x, err, seed=3), linear_error_fit(x, err, seed=3)
+    assert torch.equal(a.train_idx, b.train_idx)
+    torch.testing.assert_close(a.W, b.W)  # LAPACK threading: equal up to rounding, not bitwise
+    assert not torch.equal(a.train_idx, linear_error_fit(x, err, seed=4).train_idx)
+    c = linear_error_fit(x, err, train_idx=torch.arange(100))
+    assert c.n_train == 100 and c.n_test == 400 and torch.equal(c.test_idx, torch.arange(100, 500))
+
+
+def test_decomposition_identity():
+    x = _randn(3000, 24)
+    x_hat = x + 0.3 * _randn(3000, 24, seed=1) - 0.2 * x
+    fit = linear_error_fit(x, x - x_hat)
+    dec = decompose(x, x_hat, fit)
+    torch.testing.assert_close(x_hat + dec.linear + dec.nonlinear, x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dec.sae_error, x - x_hat)
+    # -0.2 x is exactly linear: removing it leaves about the noise's share of variance
+    nl = nonlinear_fvu(x, x_hat, fit)
+    assert nl == pytest.approx(fvu(x, x_hat + dec.linear))
+    assert nl < fvu(x, x_hat)
+    assert nl == pytest.approx(0.09, abs=0.01)
+
+
+def test_bias_flag():
+    x = _randn(3000, 8)
+    err = x @ _randn(8, 8, seed=1) + 5.0
+    no_bias = linear_error_fit(x, err, bias=False)
+    with_bias = linear_error_fit(x, err, bias=True)
+    assert no_bias.r2_per_dim_test < 0.5
+    assert with_bias.r2_per_dim_test > 0.999
+    assert with_bias.W.shape == (9, 8)
+    torch.testing.assert_close(with_bias.predict(x), err, atol=1e-4, rtol=1e-4)
+
+
+def test_per_dim_and_total_r2_differ():
+    # dim 0: large variance, predicted exactly; dim 1: small variance, pure noise prediction
+    y = torch.stack([100 * _randn(2000, seed=0), _randn(2000, seed=1)], 1)
+    y_pred = torch.stack([y[:, 0], torch.zeros(2000)], 1)
+    assert r2_total(y, y_pred) > 0.999  # pooled: the big dimension dominates
+    assert r2_per_dim(y, y_pred) == pytest.approx(0.5, abs=1e-3)  # the paper's: each dim counts once
+    assert r2_total(y, y_pred) == pytest.approx(1 - fvu(y, y_pred))
+
+
+def test_r2_constant_dimension_convention():
+    y = torch.stack([_randn(100), torch.ones(100)], 1)
+    assert r2_per_dim(y, y) == 1.0
+    assert r2_per_dim(y, torch.stack([y[:, 0], torch.zeros(100)], 1)) == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def test_norm_prediction_recovers_linear_scalar():
+    x = _randn(3000, 8)
+    target = x @ _randn(8, seed=1) + 3.0 + 0.01 * _randn(3000, seed=2)
+    fit = norm_prediction(x, target, train_frac=0.5, seed=0)
+    assert fit.bias and fit.W.shape == (9, 1)
+    assert fit.r2_total_test > 0.999 and fit.r2_per_dim_test == pytest.approx(fit.r2_total_test)
+
+
+def test_per_token_scaling_share_removed():
+    a, b, noise = _randn(4000, seed=0).abs(), _randn(4000, seed=1).abs(), _randn(4000, seed=2)
+    y = 0.8 * a + 0.5 * b + 0.01 * noise
+    res = per_token_scaling(a, y, b)
+    assert res.r2_with > 0.99 and res.share_removed > 0.99 and res.r2_without < 0.9
+    irrelevant = per_token_scaling(a, y, _randn(4000, seed=3))
+    assert abs(irrelevant.share_removed) < 0.01
+    only = per_token_scaling(a, y)
+    assert only.r2_with is None and only.share_removed is None
+    assert only.r2_without == pytest.approx(res.r2_without)
+
+
+# ----------------------------------------------------------------------------- power law
+
+
+def test_power_law_recovers_parameters():
+    c, a, m = 0.05, 3.0, -0.35
+    widths = 2.0 ** np.arange(12, 21)
+    rng = np.random.default_rng(0)
+    fvus = (c + a * widths**m) * (1 + 0.002 * rng.standard_normal(widths.size))
+    fit = fit_power_law(widths, fvus)
+    assert fit.c == pytest.approx(c, abs=0.01)
+    assert fit.m == pytest.approx(m, abs=0.05)
+    assert fit.a == pytest.approx(a, rel=0.3)
+    assert all(0 < se < math.inf for se in (fit.c_se, fit.a_se, fit.m_se))
+    np.testing.assert_allclose(fit.predict(widths), fvus, rtol=0.01)
+
+
+def test_power_law_exact_three_points_and_bad_input():
+    fit = fit_power_law([1e3, 1e4, 1e5], [0.1 + 2 * w**-0.5 for w in (1e3, 1e4, 1e5)])
+    assert fit.m < 0 and fit.a > 0 and fit.c >= 0
+    with pytest.raises(ValueError, match="at least 3"):
+        fit_power_law([1, 2], [0.5, 0.4])
+    with pytest.raises(ValueError, match="same length"):
+        fit_power_law([1, 2, 3], [0.5, 0.4])
+    with pytest.raises(ValueError, match="finite"):
+        fit_power_law([1, 2, 3], [0.5, float("nan"), 0.3])
+
+
+# ----------------------------------------------------------------------------- gradient pursuit
+
+
+def _overcomplete(n: int = 1000, d: int = 32, n_latents: int = 128, k: int = 6):
+    W = _randn(n_latents, d, seed=10)
+    W = W / W.norm(dim=1, keepdim=True)
+    codes = _randn(n, n_latents, seed=11).abs() * (torch.rand(n, n_latents, generator=torch.Generator().manual_seed(12)) < k / n_latents)
+    b = 0.1 * _randn(d, seed=13)
+    return codes @ W + b, W, b
+
+
+def test_pursuit_error_non_increasing_with_steps():
+    x, W, b = _overcomplete()
+    errs = [(x - gradient_pursuit(x, W, b, k) @ W - b).pow(2).sum(1) for k in range(9)]
+    for k in range(8):
+        assert (errs[k + 1] <= errs[k] * (1 + 1e-5) + 1e-6).all(), f"error rose from step {k} to {k + 1}"
+    assert errs[8].mean() < 0.1 * errs[1].mean()
+
+
+def test_pursuit_recovers_one_sparse_on_orthonormal_dictionary():
+    d, n = 16, 200
+    W = torch.linalg.qr(_randn(d, d, seed=1))[0].T  # rows orthonormal
+    idx = torch.randint(0, d, (n,), generator=torch.Generator().manual_seed(2))
+    mag = 0.5 + torch.rand(n, generator=torch.Generator().manual_seed(3))
+    b = _randn(d, seed=4)
+    x = mag[:, None] * W[idx] + b
+    codes = gradient_pursuit(x, W, b, 1)
+    expected = torch.zeros(n, d)
+    expected[torch.arange(n), idx] = mag
+    torch.testing.assert_close(codes, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(codes @ W + b, x, atol=1e-5, rtol=0)
+
+
+def test_pursuit_respects_per_token_n_active():
+    x, W, b = _overcomplete(n=300)
+    n_active = torch.randint(0, 6, (300,), generator=torch.Generator().manual_seed(5))
+    codes = gradient_pursuit(x, W, b, n_active)
+    assert codes.shape == (300, 128) and (codes >= 0).all()
+    assert ((codes != 0).sum(1) <= n_active).all()
+    assert (codes[n_active == 0] == 0).all()
+    # a token that stopped after k steps gets exactly what a uniform run of k steps gives it
+    for k in range(6):
+        rows = n_active == k
+        torch.testing.assert_close(codes[rows], gradient_pursuit(x, W, b, k)[rows])
+
+
+def test_pursuit_k_sparse_exact_support_on_orthonormal_dictionary():
+    d, n, k = 16, 100, 3
+    W = torch.linalg.qr(_randn(d, d, seed=1))[0].T
+    g = torch.Generator().manual_seed(6)
+    idx = torch.stack([torch.randperm(d, generator=g)[:k] for _ in range(n)])
+    codes_true = torch.zeros(n, d).scatter_(1, idx, 0.5 + torch.rand(n, k, generator=g))
+    x = codes_true @ W
+    codes = gradient_pursuit(x, W, torch.zeros(d), torch.full((n,), k))
+    torch.testing.assert_close(codes, codes_true, atol=1e-5, rtol=0)
+    assert ((codes != 0).sum(1) == k).all()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = _randn(100, 4)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        linear_error_fit(x, _randn(99, 4))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="err contains NaN"):
+        linear_error_fit(x, bad)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        linear_error_fit(bad, x)
+    with pytest.raises(ValueError, match="n_train must exceed"):
+        linear_error_fit(_randn(10, 8), _randn(10, 8))
+    with pytest.raises(ValueError, match="train_frac"):
+        linear_error_fit(x, x, train_frac=1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        linear_error_fit(x[0], x)
+    with pytest.raises(ValueError, match="same shape"):
+        r2_per_dim(x, x[:, :3])
+    with pytest.raises(ValueError, match="x and x_hat"):
+        decompose(x, x[:, :3], linear_error_fit(x, x))
+    with pytest.raises(ValueError, match="one scalar per token"):
+        norm_prediction(x, x)
+    W = torch.eye(4)
+    with pytest.raises(ValueError, match="n_active"):
+        gradient_pursuit(x, W, torch.zeros(4), torch.ones(7, dtype=torch.long))
+    with pytest.raises(ValueError, match="W_dec"):
+        gradient_pursuit(x, torch.eye(5), torch.zeros(4), 1)
+    with pytest.raises(ValueError, match="b_dec"):
+        gradient_pursuit(x, W, torch.zeros(5), 1)
