@@ -68,13 +68,7 @@ def r2_per_dim(y_true: Tensor, y_pred: Tensor) -> float:
     give NaN/-inf there).
     """
     _check_pair("y_true", y_true, "y_pred", y_pred)
-    y, p = y_true.double(), y_pred.double()
-    ss_res = (y - p).pow(2).sum(0)
-    ss_tot = (y - y.mean(0, keepdim=True)).pow(2).sum(0)
-    flat = ss_tot == 0
-    r2 = 1 - ss_res / torch.where(flat, torch.ones_like(ss_tot), ss_tot)
-    r2 = torch.where(flat, (ss_res == 0).double(), r2)
-    return float(r2.mean())
+    return _r2_per_dim(y_true.double(), y_pred.double())
 
 
 def r2_total(y_true: Tensor, y_pred: Tensor) -> float:
@@ -85,6 +79,15 @@ def r2_total(y_true: Tensor, y_pred: Tensor) -> float:
     """
     _check_pair("y_true", y_true, "y_pred", y_pred)
     return 1.0 - fvu(y_true, y_pred)
+
+
+def _r2_per_dim(y: Tensor, p: Tensor) -> float:
+    """Unchecked float64 core of r2_per_dim."""
+    ss_res = (y - p).pow(2).sum(0)
+    ss_tot = (y - y.mean(0, keepdim=True)).pow(2).sum(0)
+    flat = ss_tot == 0
+    r2 = torch.where(flat, (ss_res == 0).double(), 1 - ss_res / torch.where(flat, 1.0, ss_tot))
+    return float(r2.mean())
 
 
 # ----------------------------------------------------------------------------- linear error
@@ -176,10 +179,10 @@ def linear_error_fit(
     return LinearFit(
         W=W,
         bias=bias,
-        r2_per_dim_train=r2_per_dim(y[tr_d], pred_tr),
-        r2_per_dim_test=r2_per_dim(y[te_d], pred_te),
-        r2_total_train=r2_total(y[tr_d], pred_tr),
-        r2_total_test=r2_total(y[te_d], pred_te),
+        r2_per_dim_train=_r2_per_dim(y[tr_d], pred_tr),
+        r2_per_dim_test=_r2_per_dim(y[te_d], pred_te),
+        r2_total_train=1.0 - fvu(y[tr_d], pred_tr),
+        r2_total_test=1.0 - fvu(y[te_d], pred_te),
         n_train=len(tr),
         n_test=len(te),
         train_idx=tr,

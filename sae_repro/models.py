@@ -46,7 +46,7 @@ class ByteTokenizer:
         return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
 
     def decode(self, ids) -> str:
-        ids = [int(i) for i in ids if int(i) < 256]
+        ids = [i for i in torch.as_tensor(ids).flatten().tolist() if i < 256]
         return bytes(ids).decode("utf-8", errors="replace")
 
 

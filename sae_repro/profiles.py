@@ -19,6 +19,11 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "model": ("tiny-random", "smollm2-135m", "smollm2-135m", "gpt2"),
     "corpus": ("gutenberg-shakespeare", "gutenberg-shakespeare", "gutenberg-shakespeare",
                "NeelNanda/pile-10k"),
+    "ctx_len": (64, 128, 128, 1024),
+    "drop_first": (2, 4, 4, 4),
+    "layers": ((0, 1), (5, 15, 25), (5, 15, 25), (3, 6, 9)),
+    # model and data chapter
+    "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
     # synthetic check of the Dark Matter paper
     "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),
     "syn_d_model": (32, 64, 128, 256),
