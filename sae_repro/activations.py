@@ -178,9 +178,25 @@ def _write_shard(model: HookedTransformer, ctx: Tensor, start: int, spec: Activa
     write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "n_tokens": len(out["tokens"])})
 
 
+def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
+    """All contexts of the split, tokenized once and cached (tokenizing 2M tokens takes a while)."""
+    key = hash_inputs({"corpus": corpus.fingerprint(), "split": spec.split, "ctx_len": spec.ctx_len,
+                       "model": model_identity(spec.model, spec.seed)})
+    path = cache_dir() / "tokens" / f"{key}.safetensors"
+    if path.exists():
+        try:
+            return load_file(path)["contexts"]
+        except Exception:  # a corrupt file is rebuilt below
+            path.unlink()
+    ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)
+    with atomic_path(path) as tmp:
+        save_file({"contexts": ctx.contiguous()}, tmp)
+    return ctx
+
+
 def _contexts(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
     """The spec's contexts, shuffled by seed -> [n_contexts, ctx_len]."""
-    all_ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)
+    all_ctx = _tokenized(spec, corpus, tokenizer)
     if spec.n_contexts > len(all_ctx):
         raise ValueError(
             f"n_tokens={spec.n_tokens} needs {spec.n_contexts} contexts of {spec.ctx_len} tokens but "

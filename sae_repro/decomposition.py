@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -208,7 +208,9 @@ def decompose(x: Tensor, x_hat: Tensor, fit: LinearFit) -> Decomposition:
     sae_error = x - x_hat
     linear = fit.predict(x)
     if linear.shape != sae_error.shape:
-        raise ValueError(f"fit predicts shape {tuple(linear.shape)} but the SAE error is {tuple(sae_error.shape)}")
+        raise ValueError(
+            f"fit predicts shape {tuple(linear.shape)} but the SAE error is {tuple(sae_error.shape)}"
+        )
     return Decomposition(sae_error=sae_error, linear=linear, nonlinear=sae_error - linear)
 
 
@@ -277,6 +279,9 @@ def per_token_scaling(
 # ----------------------------------------------------------------------------- width power law
 
 
+ArrayLike = Union[Sequence[float], np.ndarray, Tensor]
+
+
 @dataclass
 class PowerLawFit:
     """FVU(W) = c + a * W^m with standard errors (sqrt of curve_fit's covariance diagonal).
@@ -291,12 +296,12 @@ class PowerLawFit:
     a_se: float
     m_se: float
 
-    def predict(self, widths: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    def predict(self, widths: ArrayLike) -> np.ndarray:
         w = np.asarray(widths, dtype=np.float64)
         return self.c + self.a * w**self.m
 
 
-def fit_power_law(widths: Sequence[float] | np.ndarray | Tensor, fvus: Sequence[float] | np.ndarray | Tensor) -> PowerLawFit:
+def fit_power_law(widths: ArrayLike, fvus: ArrayLike) -> PowerLawFit:
     """Fit FVU(W) = c + a * W^m (a > 0, m < 0, c >= 0) with scipy's curve_fit.
 
     widths: [k] SAE widths (> 0); fvus: [k]. Needs k >= 3; with exactly 3 points the standard
@@ -335,7 +340,8 @@ def fit_power_law(widths: Sequence[float] | np.ndarray | Tensor, fvus: Sequence[
     J = np.array([0.0, w0 ** (-m), -a * math.log(w0)])
     var_a = float(J @ pcov @ J) if np.isfinite(pcov).all() else float("inf")
     se = np.sqrt(np.diag(pcov)) if np.isfinite(pcov).all() else np.full(3, np.inf)
-    return PowerLawFit(c=float(c), a=float(a), m=float(m), c_se=float(se[0]), a_se=math.sqrt(max(var_a, 0.0)), m_se=float(se[2]))
+    a_se = math.sqrt(max(var_a, 0.0))
+    return PowerLawFit(c=float(c), a=float(a), m=float(m), c_se=float(se[0]), a_se=a_se, m_se=float(se[2]))
 
 
 # ----------------------------------------------------------------------------- gradient pursuit
@@ -343,7 +349,7 @@ def fit_power_law(widths: Sequence[float] | np.ndarray | Tensor, fvus: Sequence[
 
 @torch.no_grad()
 def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Tensor) -> Tensor:
-    """Inference-time gradient pursuit on an SAE decoder (the paper's Sec. on better encoders).
+    """Inference-time gradient pursuit on an SAE's own decoder (the paper's "better encoder" test).
 
     x: [n_tokens, d]; W_dec: [n_latents, d] (rows unit norm); b_dec: [d];
     n_active: int or LongTensor [n_tokens], steps per token (the SAE's own L0 on that token).
@@ -351,9 +357,11 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
 
     Each step, as in the authors' code: r = x - b_dec - codes @ W_dec; support = (codes != 0)
     plus argmax(r @ W_dec.T); g = (r @ W_dec.T) on the support; c = g @ W_dec; codes += g *
-    <c, r> / <c, c>; clamp codes >= 0. A token stops (is frozen) after n_active[t] steps. As in
-    the authors' code, a step may re-pick a latent already in the support or clamp one to zero,
-    so the final L0 is <= n_active[t] (equal in the generic case).
+    <c, r> / <c, c>; clamp codes >= 0. A token stops (is frozen) after n_active[t] steps.
+    We follow the authors' code in counting *steps*, not support size: a step may re-pick a
+    latent already in the support (likely once the residual is small) or clamp one to zero, so
+    the final L0 is <= n_active[t], often below it. Memory is O(n_tokens * n_latents): batch
+    the tokens for wide SAEs.
     """
     _check_2d("x", x)
     _check_2d("W_dec", W_dec)
@@ -364,7 +372,7 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
     n = x.shape[0]
     steps = torch.as_tensor(n_active, device=x.device)
     if steps.is_floating_point() or steps.ndim > 1 or (steps.ndim == 1 and steps.shape[0] != n):
-        raise ValueError(f"n_active must be an int or an integer tensor [n_tokens={n}], got {n_active!r:.80}")
+        raise ValueError(f"n_active must be an int or an integer tensor [n_tokens={n}], got {n_active!r:.60}")
     steps = steps.long().expand(n)
     if (steps < 0).any():
         raise ValueError("n_active must be >= 0")
@@ -383,7 +391,8 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
         g = corr * support
         c = g @ W  # [n, d]
         num, den = (c * r).sum(1), (c * c).sum(1)
-        step_size = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), 0.0)  # r == 0 -> no move
+        # optimal step along g; den == 0 only when r is orthogonal to the support: stay put
+        step_size = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), 0.0)
         new = (codes + step_size[:, None] * g).clamp_min(0)
         codes = torch.where(live, new, codes)
     return codes

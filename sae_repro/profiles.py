@@ -29,8 +29,10 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "syn_d_model": (32, 64, 128, 256),
     "syn_n_features": (256, 1_024, 2_048, 8_192),
     "syn_avg_active": (8, 16, 24, 32),
-    "syn_noise_scales": ((0.0, 0.5, 1.0), (0.0, 0.25, 0.5, 1.0), (0.0, 0.25, 0.5, 0.75, 1.0),
-                         (0.0, 0.25, 0.5, 0.75, 1.0)),
+    # noise scales relative to the activations' RMS norm; activation noise can only be recovered
+    # linearly where it dominates x, so the grid must reach past 1 (see sae_repro.synthetic)
+    "syn_noise_scales": ((0.0, 1.0, 2.0), (0.0, 0.5, 1.0, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0),
+                         (0.0, 0.5, 1.0, 1.5, 2.0)),
 }
 
 

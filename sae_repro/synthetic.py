@@ -136,7 +136,9 @@ def inject_noise(
       reconstruction noise -> in x_hat only, independent of x: becomes *nonlinear* error.
     """
     if x.shape != x_hat.shape or x.ndim != 2:
-        raise ValueError(f"x and x_hat must be the same 2-D shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        raise ValueError(
+            f"x and x_hat must be the same 2-D shape, got {tuple(x.shape)} and {tuple(x_hat.shape)}"
+        )
     for name, s in [("activation_noise", activation_noise), ("reconstruction_noise", reconstruction_noise)]:
         if not (math.isfinite(s) and s >= 0):
             raise ValueError(f"{name} must be a finite scale >= 0, got {s}")
@@ -159,17 +161,21 @@ class NoiseCorrelation:
     grid: pd.DataFrame
 
 
+def _mean_sq_norm(t: Tensor) -> float:
+    """Mean over tokens of ||t_i||^2.  t: [n, d]."""
+    return float(t.double().pow(2).sum(1).mean())
+
+
 def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor, test_idx: Tensor) -> dict[str, float]:
     """Fit the linear error on train tokens; measure everything on the held-out tokens."""
     fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
     xt, xht = x[test_idx], x_hat[test_idx]
     dec = decompose(xt, xht, fit)
-    sq = lambda t: float(t.double().pow(2).sum(1).mean())  # noqa: E731 -- mean squared norm per token
     fvu_sae, fvu_nonlin = fvu(xt, xht), fvu(xt, xht + dec.linear)
     return {
-        "sae_error_sq_norm": sq(dec.sae_error),
-        "linear_error_sq_norm": sq(dec.linear),
-        "nonlinear_error_sq_norm": sq(dec.nonlinear),
+        "sae_error_sq_norm": _mean_sq_norm(dec.sae_error),
+        "linear_error_sq_norm": _mean_sq_norm(dec.linear),
+        "nonlinear_error_sq_norm": _mean_sq_norm(dec.nonlinear),
         "fvu_sae": fvu_sae,
         "fvu_nonlinear": fvu_nonlin,
         "fvu_linear": fvu_sae - fvu_nonlin,  # the paper's "linear estimate": FVU drop from adding LinearError
@@ -206,7 +212,8 @@ def noise_correlation_table(
     """
     if base_x.shape != base_x_hat.shape or base_x.ndim != 2:
         raise ValueError(
-            f"base_x and base_x_hat must be the same 2-D shape, got {tuple(base_x.shape)} and {tuple(base_x_hat.shape)}"
+            "base_x and base_x_hat must be the same 2-D shape, "
+            f"got {tuple(base_x.shape)} and {tuple(base_x_hat.shape)}"
         )
     scales = [float(s) for s in scales]
     if len(set(scales)) < 2:
@@ -222,7 +229,8 @@ def noise_correlation_table(
         x, x_hat = inject_noise(
             base_x, base_x_hat, activation_noise=s_a, reconstruction_noise=s_r, seed=seed * 100_003 + k
         )
-        rows.append({"activation_noise": s_a, "reconstruction_noise": s_r, **_grid_point(x, x_hat, train_idx, test_idx)})
+        point = _grid_point(x, x_hat, train_idx, test_idx)
+        rows.append({"activation_noise": s_a, "reconstruction_noise": s_r, **point})
     grid = pd.DataFrame(rows)
     cols = (
         {"linear error": "linear_error_sq_norm", "nonlinear error": "nonlinear_error_sq_norm"}

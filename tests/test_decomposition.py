@@ -20,6 +20,15 @@ from sae_repro.decomposition import (
 from sae_repro.metrics import fvu
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tensors are tiny: on a shared 2-core box, intra-op threads only add spin-wait contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -151,7 +160,8 @@ def test_power_law_exact_three_points_and_bad_input():
 def _overcomplete(n: int = 1000, d: int = 32, n_latents: int = 128, k: int = 6):
     W = _randn(n_latents, d, seed=10)
     W = W / W.norm(dim=1, keepdim=True)
-    codes = _randn(n, n_latents, seed=11).abs() * (torch.rand(n, n_latents, generator=torch.Generator().manual_seed(12)) < k / n_latents)
+    fires = torch.rand(n, n_latents, generator=torch.Generator().manual_seed(12)) < k / n_latents
+    codes = _randn(n, n_latents, seed=11).abs() * fires
     b = 0.1 * _randn(d, seed=13)
     return codes @ W + b, W, b
 
