@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def cache_dir() -> Path:
@@ -70,3 +70,25 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def write_json(path: Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock named after `path` (for read-modify-write by parallel notebooks)."""
+    import fcntl  # POSIX only, like the rest of the pipeline
+
+    lock = cache_dir() / "locks" / f"{hash_inputs(str(Path(path).resolve()))}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def update_json(path: Path, update: Callable[[dict], None]) -> dict:
+    """Apply `update` to the JSON object at `path` (empty if missing) under a lock; atomic write."""
+    path = Path(path)
+    with locked(path):
+        obj = json.loads(path.read_text()) if path.exists() else {}
+        update(obj)
+        write_json(path, obj)
+    return obj

@@ -1,17 +1,25 @@
-"""`sae-repro` / `python -m sae_repro`: run notebooks under a profile, build the book, list things."""
+"""`sae-repro` / `python -m sae_repro`: run notebooks under a profile, build the book, list things.
+
+  sae-repro run --profile quick --only dark_matter_synthetic -p seed 1 --jobs 2
+  sae-repro book
+  sae-repro list
+"""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import json
+import subprocess
 import sys
+from typing import Any
 
 from sae_repro import pipeline
+from sae_repro.figures import figures_dir
 from sae_repro.profiles import PROFILE_NAMES, profile
 
 
-def _value(text: str):
+def _value(text: str) -> Any:
     """Parse a -p value as a Python literal when it is one, else keep the string."""
     try:
         return ast.literal_eval(text)
@@ -19,29 +27,51 @@ def _value(text: str):
         return text
 
 
+def _list() -> None:
+    print("notebooks (parameters: type = default (allowed)):")
+    for nb in pipeline.notebook_paths():
+        print(f"  {nb.stem}")
+        for name, default in pipeline.declared_parameters(nb).items():
+            print(f"    {pipeline.describe_parameter(name, default)}")
+    print("profiles:")
+    for name in PROFILE_NAMES:
+        print(f"  {name}: {json.dumps(profile(name))}")
+    print("figures:")
+    for name in PROFILE_NAMES:
+        path = figures_dir(name) / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        for fig_id, e in sorted(manifest.items()):
+            if e["profile"] == name:
+                stale = "  STALE" if e.get("stale") else ""
+                print(f"  {fig_id} ({name}, {e['notebook']}, {e['time']}){stale}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="sae-repro", description=__doc__)
+    ap = argparse.ArgumentParser(prog="sae-repro", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="execute notebooks with papermill under a profile")
     r.add_argument("--profile", default="default", choices=PROFILE_NAMES)
-    r.add_argument("--only", action="append", help="notebook name (repeatable)")
+    r.add_argument("--only", action="append", metavar="NOTEBOOK", help="notebook (repeatable)")
     r.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                   help="override one parameter")
+                   help="override one parameter (a Python literal, else a string)")
     r.add_argument("--force", action="store_true", help="rerun even if inputs are unchanged")
+    r.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run up to N independent notebooks in parallel processes")
     sub.add_parser("book", help="build the HTML book from the executed notebooks")
     sub.add_parser("list", help="show notebooks, profiles and figures")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
-            pipeline.run(args.profile, args.only, {k: _value(v) for k, v in args.p}, args.force)
+            pipeline.run(args.profile, args.only, {k: _value(v) for k, v in args.p}, args.force,
+                         jobs=args.jobs)
         elif args.cmd == "book":
-            pipeline.build_book()
+            from sae_repro import book
+
+            book.build()
         else:
-            for nb in pipeline.notebook_paths():
-                print(f"notebook {nb.stem}: parameters {sorted(pipeline.declared_parameters(nb))}")
-            for name in PROFILE_NAMES:
-                print(f"profile {name}: {json.dumps(profile(name))}")
-    except (pipeline.NotebookFailed, ValueError) as e:
+            _list()
+    except (pipeline.NotebookFailed, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"sae-repro: error: {e}", file=sys.stderr)
         return 1
     return 0

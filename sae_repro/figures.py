@@ -2,23 +2,39 @@
 
 The committed `figures/` hold the `default` profile's figures; other profiles write to
 `.cache/figures/<profile>/` so a CI run never overwrites what the book cites.
+
+A figure's manifest entry names what it was computed from: the notebook, profile, parameters,
+package version, git commit and the hashes of its inputs. A notebook declares the data it reads
+with `record_input(name, path)` (an activation store, another chapter's CSV via
+`read_figure_data`); under the pipeline these land in a sidecar file that the pipeline rehashes to
+decide whether the notebook must run again.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import html
 import json
 import os
+import shlex
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from sae_repro import __version__
-from sae_repro.cache import atomic_path, cache_dir, write_json
+from sae_repro.cache import atomic_path, cache_dir, sha256_file, update_json
 
 REPO = Path(__file__).resolve().parent.parent
+AUTHORS = "sae-repro contributors"
+CITATION_YEAR = 2026  # as in CITATION.cff (a test checks they agree)
+# Set by the pipeline for the kernel: JSON {"inputs": {name: {path, hash}}, "overrides": {...}}.
+SIDECAR_ENV = "SAE_REPRO_SIDECAR"
+
+_recorded: dict[str, dict[str, str | None]] = {}  # inputs recorded in this process
 
 
 def figures_dir(profile: str) -> Path:
@@ -29,17 +45,178 @@ def figures_dir(profile: str) -> Path:
     return root
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() if out.returncode == 0 else ""
     except OSError:
-        return "unknown"
+        return ""
+
+
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """True if tracked files differ from the commit (then the commit alone does not reproduce)."""
+    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: what a notebook read, by hash
+
+
+def path_hash(path: str | Path) -> str:
+    """sha256 of a file; of a folder, its `manifest.json` if it has one (content-addressed stores
+    list their shards' checksums there), else of every file's relative path and bytes."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"input {path} does not exist")
+    if (path / "manifest.json").is_file():
+        return sha256_file(path / "manifest.json")
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _sidecar() -> dict[str, Any]:
+    side = os.environ.get(SIDECAR_ENV)
+    return json.loads(Path(side).read_text()) if side and Path(side).exists() else {}
+
+
+def record_input(name: str, path: str | Path) -> str:
+    """Declare that this notebook read `path` (a file or a store folder); returns its hash.
+
+    The hash goes into every figure saved afterwards and, under the pipeline, into the run's
+    record: the next `sae-repro run` reruns the notebook if the file's content has changed."""
+    entry = {"path": str(Path(path).resolve()), "hash": path_hash(path)}
+    _recorded[name] = entry
+    side = os.environ.get(SIDECAR_ENV)
+    if side:
+        update_json(Path(side), lambda d: d.setdefault("inputs", {}).update({name: entry}))
+    return entry["hash"]
+
+
+def recorded_inputs() -> dict[str, str]:
+    """name -> hash of everything this run has read so far (the pipeline's entries included)."""
+    entries = _sidecar().get("inputs", {}) | _recorded
+    return {k: v["hash"] for k, v in sorted(entries.items())}
+
+
+def read_figure_data(fig_id: str, profile: str) -> pd.DataFrame:
+    """The CSV behind another chapter's figure, recorded as an input of this notebook."""
+    path = figures_dir(profile) / f"{fig_id}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"figure {fig_id!r} ({profile}) not found at {path}: run the "
+                                f"notebook that makes it first (`sae-repro list` names it)")
+    record_input(f"figure:{fig_id}", path)
+    return pd.read_csv(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Citation: shown under each figure in the book
+
+
+def regenerate_command(profile: str, notebook: str, overrides: dict[str, Any]) -> str:
+    """The one command that regenerates a notebook's figures with these parameter overrides."""
+    parts = ["sae-repro", "run", "--profile", profile, "--only", notebook]
+    for k, v in sorted(overrides.items()):
+        parts += ["-p", k, v if isinstance(v, str) and not _is_literal(v) else repr(v)]
+    return shlex.join(parts)
+
+
+def _is_literal(text: str) -> bool:
+    import ast
+
+    try:
+        ast.literal_eval(text)
+        return True
+    except (ValueError, SyntaxError):
+        return False
+
+
+@dataclass
+class FigureCitation:
+    """How to cite a figure and regenerate it; renders as HTML in the book, text in a terminal."""
+
+    fig_id: str
+    caption: str
+    version: str
+    commit: str
+    dirty: bool
+    command: str
+    profile: str
+
+    @property
+    def citation(self) -> str:
+        commit = self.commit[:12] + (" (with local changes)" if self.dirty else "")
+        return (f"{AUTHORS} ({CITATION_YEAR}), figure {self.fig_id}, "
+                f"sae-repro {self.version}, commit {commit}")
+
+    def __str__(self) -> str:
+        return (f"Figure {self.fig_id}. {self.caption}\nCite: {self.citation}\n"
+                f"Regenerate: {self.command}")
+
+    def _repr_html_(self) -> str:
+        # Links assume the book layout: chapters one level deep, figures copied to
+        # _static/figures/<profile>/ by `sae-repro book`.
+        files = " · ".join(
+            f'<a href="../_static/figures/{self.profile}/{self.fig_id}.{ext}">{ext.upper()}</a>'
+            for ext in ("png", "svg", "csv"))
+        e = html.escape
+        return (f'<div class="sae-figure-cite" id="figure-{e(self.fig_id)}">'
+                f"<p><strong>Figure <code>{e(self.fig_id)}</code>.</strong> {e(self.caption)}</p>"
+                f"<p><em>Cite as:</em> {e(self.citation)}.</p>"
+                f"<p><em>Regenerate:</em> <code>{e(self.command)}</code></p>"
+                f"<p><em>Files:</em> {files}</p></div>")
+
+
+def _show(fig, citation: FigureCitation) -> None:
+    """In a notebook, show the figure with its citation under it (then close it, so that a
+    following plt.show() does not draw it twice)."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+    except ImportError:
+        return
+    if get_ipython() is None:
+        return
+    import matplotlib.pyplot as plt
+
+    display(fig)
+    display(citation)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _overrides(profile: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters that differ from the profile: from the pipeline if it ran us, else guessed."""
+    side = _sidecar()
+    if "overrides" in side:
+        return side["overrides"]
+    from sae_repro.profiles import PROFILE_NAMES
+    from sae_repro.profiles import profile as table
+
+    values = table(profile) if profile in PROFILE_NAMES else {}
+    return {k: v for k, v in params.items() if k in values and values[k] != _jsonable(v)}
+
+
+def _jsonable(v: Any) -> Any:
+    return json.loads(json.dumps(v, default=str))
 
 
 def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile: str,
-                params: dict[str, Any], caption: str = "", inputs: dict[str, str] | None = None) -> Path:
-    """Write `<fig_id>.png/.svg/.csv` and record it in `manifest.json`; returns the PNG path."""
+                params: dict[str, Any], caption: str = "",
+                inputs: dict[str, str] | None = None) -> Path:
+    """Write `<fig_id>.png/.svg/.csv`, record it in `manifest.json` and, in a notebook, show it
+    with how to cite and regenerate it. `inputs` (name -> hash) adds to those recorded with
+    `record_input`. Returns the PNG path."""
     if not fig_id.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"fig_id={fig_id!r}: use letters, digits, '-' and '_' only")
     root = figures_dir(profile)
@@ -49,14 +226,49 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
                         metadata={"Date": None} if ext == "svg" else None)
     with atomic_path(root / f"{fig_id}.csv") as tmp:
         data.to_csv(tmp, index=False)
-    manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    manifest[fig_id] = {
+    commit, dirty = git_commit(), git_dirty()
+    citation = FigureCitation(fig_id, caption, __version__, commit, dirty,
+                              regenerate_command(profile, notebook, _overrides(profile, params)),
+                              profile)
+    entry = {
         "notebook": notebook, "profile": profile, "params": params, "caption": caption,
-        "package_version": __version__, "git_commit": git_commit(), "inputs": inputs or {},
+        "package_version": __version__, "git_commit": commit, "git_dirty": dirty,
+        "inputs": recorded_inputs() | (inputs or {}),
         "files": [f"{fig_id}.png", f"{fig_id}.svg", f"{fig_id}.csv"],
+        "citation": citation.citation, "command": citation.command,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stale": False,
     }
-    write_json(manifest_path, manifest)
+
+    def add(manifest: dict) -> None:
+        owner = manifest.get(fig_id, {}).get("notebook", notebook)
+        if owner != notebook:
+            raise ValueError(f"fig_id={fig_id!r} already belongs to notebook {owner!r}; "
+                             f"figure ids must be unique across the book")
+        manifest[fig_id] = entry
+
+    update_json(root / "manifest.json", add)
+    _show(fig, citation)
     return root / f"{fig_id}.png"
+
+
+def mark_stale(notebook: str, profile: str) -> list[str]:
+    """Flag the figures of `notebook` as stale (its last run failed); returns their ids."""
+    marked: list[str] = []
+
+    def flag(manifest: dict) -> None:
+        for fig_id, entry in manifest.items():
+            if entry["notebook"] == notebook:
+                entry["stale"] = True
+                marked.append(fig_id)
+
+    if (figures_dir(profile) / "manifest.json").exists():
+        update_json(figures_dir(profile) / "manifest.json", flag)
+    return marked
+
+
+def figures_of(notebook: str, profile: str) -> dict[str, dict]:
+    """The manifest entries of `notebook` under `profile`."""
+    path = figures_dir(profile) / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    return {k: v for k, v in manifest.items() if v["notebook"] == notebook}

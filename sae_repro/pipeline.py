@@ -1,34 +1,58 @@
-"""Run the notebooks with papermill under a profile, then build the Jupyter Book.
+"""Run the notebooks with papermill under a profile.
 
-`run` executes `notebooks/*.ipynb` into `book/chapters/` with the profile's parameters. A notebook
-whose inputs (its file, its parameters, the package's source) are unchanged since its last
-successful run under the same profile is skipped. A failing notebook stops the run with its name,
-cell and error; its previous executed copy and figures are kept and marked stale, never replaced.
+`run` executes `notebooks/*.ipynb` into `book/chapters/` with the profile's parameters. Every
+parameter is checked (name, type, range) before any kernel starts. A notebook is skipped when its
+inputs are unchanged since its last successful run under the same profile: its file, its
+parameters, the package's version and source, and the data it read (declared inside the notebook
+with `sae_repro.figures.record_input`, rehashed here). A failing notebook stops the run with its
+name, cell and error; its previous executed copy and figures are kept and marked stale, never
+replaced. Independent notebooks run in parallel processes with `jobs > 1`; a notebook that reads
+another's output says so in its metadata (`{"sae_repro": {"after": ["other_notebook"]}}`).
+
+Folders can be moved (tests do) with $SAE_REPRO_NOTEBOOKS, $SAE_REPRO_BOOK, $SAE_REPRO_EXECUTED.
 """
 
 from __future__ import annotations
 
+import ast
+import datetime as dt
 import hashlib
 import json
-import subprocess
-import sys
+import multiprocessing
+import os
+import platform
+import shutil
 import time
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sae_repro import __version__
-from sae_repro.cache import atomic_path, cache_dir, hash_inputs, write_json
-from sae_repro.figures import REPO, figures_dir
-from sae_repro.profiles import parameters_for
+from sae_repro.cache import atomic_path, cache_dir, hash_inputs, update_json, write_json
+from sae_repro.figures import (REPO, SIDECAR_ENV, figures_dir, figures_of, mark_stale,
+                               path_hash)
+from sae_repro.profiles import check_parameter, parameters_for, rule_for
 
-NOTEBOOKS = REPO / "notebooks"
-BOOK = REPO / "book"
-EXECUTED = BOOK / "chapters"
+
+def notebooks_dir() -> Path:
+    return Path(os.environ.get("SAE_REPRO_NOTEBOOKS", REPO / "notebooks"))
+
+
+def book_dir() -> Path:
+    return Path(os.environ.get("SAE_REPRO_BOOK", REPO / "book"))
+
+
+def executed_dir() -> Path:
+    return Path(os.environ.get("SAE_REPRO_EXECUTED", book_dir() / "chapters"))
 
 
 class NotebookFailed(RuntimeError):
     """A notebook raised: names the notebook, the cell and the error."""
+
+
+class ParameterError(ValueError):
+    """A parameter is unknown, of the wrong type or out of range; raised before any kernel."""
 
 
 @dataclass
@@ -36,10 +60,29 @@ class RunResult:
     notebook: str
     status: str  # "ran" or "skipped"
     seconds: float
+    reason: str = ""  # why it ran, or why it was skipped
+
+
+@dataclass
+class Job:
+    """One notebook to run: its validated parameters and the overrides among them."""
+
+    path: Path
+    params: dict[str, Any]
+    overrides: dict[str, Any]
+    after: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks and their parameters
 
 
 def notebook_paths(only: list[str] | None = None) -> list[Path]:
-    paths = sorted(NOTEBOOKS.glob("*.ipynb"))
+    paths = sorted(notebooks_dir().glob("*.ipynb"))
     if only:
         names = {p.stem: p for p in paths}
         unknown = [o for o in only if Path(o).stem not in names]
@@ -49,84 +92,290 @@ def notebook_paths(only: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def declared_parameters(nb: Path) -> dict[str, dict]:
-    """The names, types and defaults in a notebook's `parameters` cell."""
+def declared_parameters(nb: Path) -> dict[str, Any]:
+    """name -> default value of the parameters in a notebook's `parameters` cell (None where the
+    default is not a literal: then any type is accepted)."""
     import papermill as pm
 
-    return pm.inspect_notebook(str(nb))
+    declared = {}
+    for name, info in pm.inspect_notebook(str(nb)).items():
+        try:
+            declared[name] = ast.literal_eval(info["default"])
+        except (ValueError, SyntaxError):
+            declared[name] = None
+    return declared
 
 
-def _source_hash() -> str:
+def describe_parameter(name: str, default: Any) -> str:
+    """`name: type = default (rule)`, for error messages and `sae-repro list`."""
+    kind = "any" if default is None else type(default).__name__
+    rule = rule_for(name)
+    return f"{name}: {kind} = {default!r}" + (f" ({rule.describe()})" if rule else "")
+
+
+def _after(nb: Path) -> list[str]:
+    meta = json.loads(nb.read_text()).get("metadata", {})
+    return list(meta.get("sae_repro", {}).get("after", []))
+
+
+def plan(profile: str, only: list[str] | None = None,
+         overrides: dict[str, Any] | None = None) -> list[Job]:
+    """The notebooks to run with their parameters, every value checked (no kernel started).
+
+    An override applies to the notebooks that declare it; it must be declared by at least one."""
+    overrides = overrides or {}
+    if "profile" in overrides:
+        raise ParameterError("parameter 'profile' is set with --profile, not -p")
+    paths = notebook_paths(only)
+    declared = {nb: declared_parameters(nb) for nb in paths}
+    known = {k: v for d in declared.values() for k, v in d.items()}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        allowed = "\n  ".join(describe_parameter(k, v) for k, v in sorted(known.items()))
+        names = ", ".join(p.stem for p in paths)
+        raise ParameterError(f"unknown parameter(s) {unknown} for notebook(s) {names}; "
+                             f"allowed:\n  {allowed}")
+    jobs, errors = [], []
+    for nb, defaults in declared.items():
+        mine = {k: v for k, v in overrides.items() if k in defaults}
+        params = parameters_for(profile, list(defaults)) | mine
+        for name, value in params.items():
+            if name in defaults and (err := check_parameter(name, value, defaults[name])):
+                source = "override" if name in mine else f"profile {profile}"
+                errors.append(f"{nb.stem}: {err} ({source})")
+        jobs.append(Job(nb, params, mine, _after(nb)))
+    if errors:
+        raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(dict.fromkeys(errors)))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Deciding whether to run
+
+
+def source_hash() -> str:
+    """Hash of the package's source: any change to sae_repro/ reruns every notebook."""
     h = hashlib.sha256()
-    for p in sorted((REPO / "sae_repro").rglob("*.py")):
-        h.update(p.read_bytes())
+    pkg = REPO / "sae_repro"
+    for p in sorted(pkg.rglob("*.py")):
+        h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
 
-def _run_key(nb: Path, params: dict[str, Any]) -> str:
-    return hash_inputs({"notebook": hashlib.sha256(nb.read_bytes()).hexdigest(),
-                        "params": params, "version": __version__, "source": _source_hash()})
+def _key_parts(job: Job) -> dict[str, Any]:
+    return {"notebook": hashlib.sha256(job.path.read_bytes()).hexdigest(),
+            "params": json.loads(json.dumps(job.params, default=str)),
+            "version": __version__, "source": source_hash()}
 
 
-def _mark_stale(nb: Path, profile: str) -> None:
-    path = figures_dir(profile) / "manifest.json"
-    if not path.exists():
-        return
-    manifest = json.loads(path.read_text())
-    for entry in manifest.values():
-        if entry["notebook"] == nb.stem:
-            entry["stale"] = True
-    write_json(path, manifest)
+def _stamp_path(name: str, profile: str) -> Path:
+    return cache_dir() / "runs" / profile / f"{name}.json"
+
+
+def why_run(job: Job, profile: str) -> str | None:
+    """Why `job` must run, or None when its last successful run is still current."""
+    stamp_path = _stamp_path(job.name, profile)
+    if not (executed_dir() / job.path.name).exists():
+        return "no executed copy"
+    if not stamp_path.exists():
+        return "no record of a successful run"
+    stamp = json.loads(stamp_path.read_text())
+    old, new = stamp.get("parts", {}), _key_parts(job)
+    if old.get("notebook") != new["notebook"]:
+        return "notebook changed"
+    if old.get("params") != new["params"]:
+        changed = sorted(k for k in new["params"] | old.get("params", {})
+                         if new["params"].get(k) != old.get("params", {}).get(k))
+        return f"parameters changed: {', '.join(changed)}"
+    if (old.get("version"), old.get("source")) != (new["version"], new["source"]):
+        return "sae_repro package changed"
+    for name, entry in stamp.get("inputs", {}).items():
+        if entry.get("path") is None:
+            continue
+        try:
+            if path_hash(entry["path"]) != entry["hash"]:
+                return f"input {name} changed"
+        except FileNotFoundError:
+            return f"input {name} missing"
+    for fig_id, entry in figures_of(job.name, profile).items():
+        if entry.get("stale"):
+            return f"figure {fig_id} is stale"
+        if not all((figures_dir(profile) / f).exists() for f in entry["files"]):
+            return f"figure {fig_id} missing"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def hardware() -> dict[str, Any]:
+    """What the run times were measured on."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        mem_gb = None
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": mem_gb,
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def _failure_message(job: Job, err: Exception, failed_copy: Path) -> str:
+    import papermill as pm
+
+    if isinstance(err, pm.PapermillExecutionError):
+        cells = json.loads(job.path.read_text())["cells"]
+        src = err.source.strip()
+        index = next((i + 1 for i, c in enumerate(cells) if "".join(c["source"]).strip() == src),
+                     None)
+        where = f"cell {index}" if index else f"cell with execution count {err.exec_count}"
+        first = src.splitlines()[0] if src else ""
+        what = f"{err.ename}: {err.evalue}"
+    else:
+        where, first, what = "kernel", "", f"{type(err).__name__}: {err}"
+    msg = f"notebook {job.name} failed in {where} ({what})"
+    if first:
+        msg += f"\n  {where}: {first}"
+    return msg + f"\n  previous output kept (figures marked stale); failed copy: {failed_copy}"
+
+
+def _record_run(profile: str, name: str, info: dict[str, Any]) -> None:
+    """runs.json beside the profile's figures: what ran when, how long, on what, and its status."""
+    update_json(figures_dir(profile) / "runs.json", lambda runs: runs.update({name: info}))
+
+
+def execute(job: Job, profile: str, force: bool = False) -> RunResult:
+    """Run one planned notebook into the executed folder, unless its inputs are unchanged."""
+    import papermill as pm
+
+    reason = "forced" if force else why_run(job, profile)
+    if reason is None:
+        return RunResult(job.name, "skipped", 0.0, "inputs unchanged")
+    runs = cache_dir() / "runs" / profile
+    sidecar = runs / f"{job.name}.sidecar.json"
+    parts = _key_parts(job)
+    write_json(sidecar, {"overrides": job.overrides, "inputs": {
+        "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
+        "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    t0 = time.time()
+    old_env = os.environ.get(SIDECAR_ENV)
+    os.environ[SIDECAR_ENV] = str(sidecar)  # inherited by the kernel
+    try:
+        with atomic_path(executed_dir() / job.path.name) as tmp:
+            try:
+                pm.execute_notebook(str(job.path), str(tmp), parameters=job.params,
+                                    kernel_name="python3", cwd=str(job.path.parent),
+                                    progress_bar=False, log_output=False)
+            except Exception as e:  # a cell raised, the kernel died or timed out
+                failed = runs / f"{job.name}.failed.ipynb"
+                if tmp.exists():
+                    shutil.copyfile(tmp, failed)
+                stale = mark_stale(job.name, profile)
+                _record_run(profile, job.name, {"status": "failed", "started": started,
+                                                "error": f"{type(e).__name__}", "stale": stale})
+                raise NotebookFailed(_failure_message(job, e, failed)) from None
+    finally:
+        if old_env is None:
+            os.environ.pop(SIDECAR_ENV, None)
+        else:
+            os.environ[SIDECAR_ENV] = old_env
+    seconds = time.time() - t0
+    inputs = json.loads(sidecar.read_text())["inputs"]
+    write_json(_stamp_path(job.name, profile), {"key": hash_inputs(parts), "parts": parts,
+                                                "inputs": inputs, "seconds": seconds})
+    _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
+                                    "params": job.params, "hardware": hardware(),
+                                    "inputs": {k: v["hash"] for k, v in inputs.items()}})
+    return RunResult(job.name, "ran", seconds, reason)
 
 
 def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None,
                  force: bool = False) -> RunResult:
-    """Execute one notebook under `profile` into book/chapters/, unless unchanged."""
-    import papermill as pm
-
-    declared = declared_parameters(nb)
+    """Execute one notebook under `profile` (parameters checked first), unless unchanged."""
     overrides = overrides or {}
+    declared = declared_parameters(nb)
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
-        raise ValueError(f"{nb.stem}: unknown parameter(s) {unknown}; it takes {sorted(declared)}")
+        allowed = "\n  ".join(describe_parameter(k, v) for k, v in declared.items())
+        raise ParameterError(f"{nb.stem}: unknown parameter(s) {unknown}; it takes:\n  {allowed}")
     params = parameters_for(profile, list(declared)) | overrides
-    key = _run_key(nb, params)
-    stamp = cache_dir() / "runs" / profile / f"{nb.stem}.json"
-    out = EXECUTED / nb.name
-    if not force and out.exists() and stamp.exists() and json.loads(stamp.read_text())["key"] == key:
-        return RunResult(nb.stem, "skipped", 0.0)
-    t0 = time.time()
-    with atomic_path(out) as tmp:
-        try:
-            pm.execute_notebook(str(nb), str(tmp), parameters=params, kernel_name="python3",
-                                cwd=str(NOTEBOOKS), progress_bar=False, log_output=False)
-        except pm.PapermillExecutionError as e:
-            _mark_stale(nb, profile)
-            raise NotebookFailed(f"notebook {nb.name} failed in cell {e.exec_count} "
-                                 f"({e.ename}: {e.evalue}); previous output kept") from None
-    write_json(stamp, {"key": key, "params": params, "seconds": time.time() - t0})
-    return RunResult(nb.stem, "ran", time.time() - t0)
+    errors = [e for k, v in params.items() if k in declared
+              and (e := check_parameter(k, v, declared[k]))]
+    if errors:
+        raise ParameterError(f"{nb.stem}: invalid parameter(s):\n  " + "\n  ".join(errors))
+    return execute(Job(nb, params, overrides, _after(nb)), profile, force)
+
+
+def _report(r: RunResult, profile: str) -> None:
+    detail = f"ran in {r.seconds:.1f}s ({r.reason})" if r.status == "ran" else f"skipped ({r.reason})"
+    print(f"[sae-repro] {r.notebook} ({profile}): {detail}", flush=True)
+
+
+def _ordered(jobs: list[Job]) -> list[Job]:
+    """Jobs in an order where each comes after the selected notebooks it depends on."""
+    names = {j.name for j in jobs}
+    done: list[Job] = []
+    pending = list(jobs)
+    while pending:
+        ready = [j for j in pending if all(a in {d.name for d in done} or a not in names
+                                           for a in j.after)]
+        if not ready:
+            raise ValueError(f"notebooks depend on each other in a cycle: "
+                             f"{[j.name for j in pending]}")
+        done += ready
+        pending = [j for j in pending if j not in ready]
+    return done
 
 
 def run(profile: str, only: list[str] | None = None, overrides: dict[str, Any] | None = None,
-        force: bool = False) -> list[RunResult]:
-    results = []
-    for nb in notebook_paths(only):
-        print(f"[sae-repro] {nb.stem} ({profile}) ...", flush=True)
-        r = run_notebook(nb, profile, overrides, force)
-        print(f"[sae-repro] {nb.stem}: {r.status} in {r.seconds:.1f}s", flush=True)
-        results.append(r)
-    return results
+        force: bool = False, jobs: int = 1) -> list[RunResult]:
+    """Run the selected notebooks (all by default); `jobs` > 1 runs independent ones in parallel
+    processes. Raises ParameterError before any kernel starts, NotebookFailed on the first
+    failure (after letting notebooks already running finish)."""
+    planned = _ordered(plan(profile, only, overrides))
+    if jobs <= 1 or len(planned) <= 1:
+        results = []
+        for job in planned:
+            print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
+            results.append(execute(job, profile, force))
+            _report(results[-1], profile)
+        return results
+    return _run_parallel(planned, profile, force, jobs)
 
 
-def build_book() -> Path:
-    """jupyter-book 1.x (Sphinx) build of book/: offline, notebooks already executed."""
-    missing = [p.name for p in notebook_paths() if not (EXECUTED / p.name).exists()]
-    if missing:
-        raise RuntimeError(f"notebooks not executed yet: {missing}; run `sae-repro run` first")
-    jb = Path(sys.executable).parent / "jupyter-book"
-    cmd = [str(jb), "build", str(BOOK), "--builder", "html", "--warningiserror"]
-    subprocess.run(cmd, check=True)
-    index = BOOK / "_build" / "html" / "index.html"
-    print(f"[sae-repro] book: {index}")
-    return index
+def _run_parallel(planned: list[Job], profile: str, force: bool, jobs: int) -> list[RunResult]:
+    names = {j.name for j in planned}
+    pending, running = list(planned), {}  # type: list[Job], dict[Future, Job]
+    done: dict[str, RunResult] = {}
+    failure: NotebookFailed | None = None
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter per worker, like a kernel
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        while pending or running:
+            if failure is None:
+                for job in [j for j in pending if all(a in done or a not in names for a in j.after)]:
+                    print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
+                    running[pool.submit(execute, job, profile, force)] = job
+                    pending.remove(job)
+            else:
+                pending = []  # start nothing new after a failure
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    done[job.name] = fut.result()
+                    _report(done[job.name], profile)
+                except NotebookFailed as e:
+                    failure = failure or e
+    if failure is not None:
+        raise failure
+    return [done[j.name] for j in planned]

@@ -1,13 +1,17 @@
-"""Named profiles: one table of parameters, read by every notebook.
+"""Named profiles: one table of parameters, read by every notebook, and the rules they obey.
 
 A notebook's `parameters` cell names the parameters it reads, with the `default` profile's values;
 the pipeline injects the chosen profile's values for those names. `ci` runs every notebook end to
 end on the tiny random model in seconds; `quick` and `default` run on the embedded SmolLM2-135M
 on a 2-core CPU; `full` is for a GPU and hub models (GPT-2 small with its pretrained SAEs).
+
+Every value, from the table or from a `-p NAME VALUE` override, is checked before a kernel starts:
+its type against the notebook's default (`check_parameter`) and its range against `RULES`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 PROFILE_NAMES = ("ci", "quick", "default", "full")
@@ -22,6 +26,11 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "ctx_len": (64, 128, 128, 1024),
     "drop_first": (2, 4, 4, 4),
     "layers": ((0, 1), (5, 15, 25), (5, 15, 25), (3, 6, 9)),
+    # the layer whose residual stream (blocks.L.hook_resid_post) the SAE chapters study
+    "sae_layer": (1, 15, 15, 6),
+    # a pretrained SAE at that hook, by sae-lens release and id (hub only: `full`)
+    "pretrained_sae_release": (None, None, None, "gpt2-small-resid-post-v5-32k"),
+    "pretrained_sae_id": (None, None, None, "blocks.6.hook_resid_post"),
     # model and data chapter
     "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
     # synthetic check of the Dark Matter paper
@@ -36,6 +45,55 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The values a parameter allows; a list is checked element by element."""
+
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        lo = f">= {self.min}" if self.min is not None else ""
+        hi = f"<= {self.max}" if self.max is not None else ""
+        return " and ".join(s for s in (lo, hi) if s) or "any value"
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(self.allows(v) for v in value)
+        if value is None:
+            return True  # "not used under this profile"; the type check decides if None is fine
+        if self.choices is not None:
+            return value in self.choices
+        if not isinstance(value, (int, float)):
+            return True  # a type error, reported by the type check
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+
+RULES: dict[str, Rule] = {
+    "seed": Rule(min=0),
+    "device": Rule(choices=("cpu", "cuda", "mps")),
+    "ctx_len": Rule(min=2),
+    "drop_first": Rule(min=0),
+    "layers": Rule(min=0),
+    "sae_layer": Rule(min=0),
+    "syn_d_model": Rule(min=1),
+    "syn_n_features": Rule(min=1),
+    "syn_avg_active": Rule(min=1),
+    "syn_noise_scales": Rule(min=0.0),
+}
+# Rules by name suffix, so that a new chapter's token counts are checked without an entry here.
+_SUFFIX_RULES: dict[str, Rule] = {"n_tokens": Rule(min=1)}
+
+
+def rule_for(name: str) -> Rule | None:
+    if name in RULES:
+        return RULES[name]
+    return next((r for suffix, r in _SUFFIX_RULES.items() if name.endswith(suffix)), None)
+
+
 def profile(name: str) -> dict[str, Any]:
     """All parameters of profile `name`."""
     if name not in PROFILE_NAMES:
@@ -48,3 +106,35 @@ def parameters_for(name: str, wanted: list[str]) -> dict[str, Any]:
     """The profile's values for the parameters a notebook declares (others keep the notebook's)."""
     values = profile(name)
     return {k: values[k] for k in wanted if k in values} | {"profile": name}
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return type(value).__name__
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    """`value` may replace `default`: same kind (an int where a float is expected is fine, a bool is
+    not a number), lists element-wise against the default's first element; a None default takes
+    anything."""
+    if default is None:
+        return True
+    want, got = _kind(default), _kind(value)
+    if want == "list":
+        return got == "list" and (not default or all(_type_ok(v, default[0]) for v in value))
+    return got == want or (want == "float" and got == "int")
+
+
+def check_parameter(name: str, value: Any, default: Any) -> str | None:
+    """None if `value` is allowed for parameter `name` (whose notebook default is `default`), else
+    a message naming the parameter, the value and what is allowed."""
+    if not _type_ok(value, default):
+        elem = f" of {_kind(default[0])}" if isinstance(default, list) and default else ""
+        return f"{name}={value!r}: expected {_kind(default)}{elem} (like the default {default!r})"
+    rule = rule_for(name)
+    if rule is not None and not rule.allows(value):
+        return f"{name}={value!r}: must be {rule.describe()}"
+    return None

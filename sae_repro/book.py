@@ -1,0 +1,212 @@
+"""Build the Jupyter Book (1.x, Sphinx) from the executed notebooks, offline.
+
+Before Sphinx runs, `build` writes the pages that are generated from the code (the profiles
+table, measured run times, the figure list, the API reference's module list) into
+`book/_generated/`, copies the figures' files into `_static/figures/<profile>/` (so that each
+figure's PNG, SVG and CSV can be downloaded from the page that shows it) and a local MathJax into
+`_static/mathjax/`: equations render without a CDN. MathJax comes from the npm registry
+(`npm pack mathjax@3.2.2`, integrity-checked) into the cache once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import pkgutil
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import sae_repro
+from sae_repro import pipeline
+from sae_repro.cache import atomic_path, cache_dir
+from sae_repro.figures import figures_dir
+from sae_repro.profiles import PROFILE_NAMES, profile, rule_for
+
+MATHJAX_VERSION = "3.2.2"
+# npm's dist.integrity of mathjax@3.2.2
+MATHJAX_SRI = ("sha512-Bt+SSVU8eBG27zChVewOicYs7Xsdt40qm4+UpHyX7k0/O9NliPc+x77k1/FEsPsjKPZGJvtRZM1vO+"
+               "geW0OhGw==")
+# Other single-file bundles of the package; the book loads es5/tex-chtml.js only.
+_UNUSED_BUNDLES = ("mml-chtml.js", "mml-svg.js", "tex-chtml-full-speech.js", "tex-chtml-full.js",
+                   "tex-mml-chtml.js", "tex-mml-svg.js", "tex-svg-full.js", "tex-svg.js",
+                   "node-main.js", "svg")
+
+
+# ---------------------------------------------------------------------------------------------
+# MathJax, served from the book itself
+
+
+def mathjax_dir() -> Path:
+    """The unpacked npm `mathjax` package (its `es5/` folder) in the cache; fetched with npm."""
+    root = cache_dir() / "mathjax" / MATHJAX_VERSION
+    if (root / "es5" / "tex-chtml.js").exists():
+        return root
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm not found: the book serves MathJax from the npm package "
+                           f"mathjax@{MATHJAX_VERSION}; install npm (Debian: apt-get install npm)")
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent"], cwd=tmp,
+                              capture_output=True, text=True)
+        tgz = Path(tmp) / f"mathjax-{MATHJAX_VERSION}.tgz"
+        if proc.returncode != 0 or not tgz.exists():
+            raise RuntimeError(f"npm pack mathjax@{MATHJAX_VERSION} failed:\n{proc.stderr[-2000:]}")
+        algo, want = MATHJAX_SRI.split("-", 1)
+        got = base64.b64encode(hashlib.new(algo, tgz.read_bytes()).digest()).decode()
+        if got != want:
+            raise RuntimeError(f"mathjax-{MATHJAX_VERSION}.tgz: integrity {algo}-{got} != {want}")
+        with atomic_path(root) as out, tarfile.open(tgz) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith("package/es5/")]
+            tar.extractall(tmp, members=members, filter="data")
+            shutil.move(str(Path(tmp) / "package"), out)
+    return root
+
+
+def _copy_mathjax(static: Path) -> None:
+    dest = static / "mathjax"
+    if (dest / "tex-chtml.js").exists():
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(mathjax_dir() / "es5", dest, ignore=shutil.ignore_patterns(*_UNUSED_BUNDLES))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages generated from the code
+
+
+def _cell(v: Any) -> str:
+    text = "—" if v is None else (", ".join(map(str, v)) if isinstance(v, list) else str(v))
+    return f"`{text}`" if v is not None else text
+
+
+def profiles_table() -> str:
+    """Markdown table: one row per parameter, one column per profile, the rule, the readers."""
+    users: dict[str, list[str]] = {}
+    for nb in pipeline.notebook_paths():
+        for name in pipeline.declared_parameters(nb):
+            users.setdefault(name, []).append(nb.stem)
+    values = {p: profile(p) for p in PROFILE_NAMES}
+    rows = ["| parameter | " + " | ".join(f"`{p}`" for p in PROFILE_NAMES) + " | allowed | read by |",
+            "|---" * (len(PROFILE_NAMES) + 3) + "|"]
+    for name in values[PROFILE_NAMES[0]]:
+        rule = rule_for(name)
+        readers = ", ".join(f"{{doc}}`{n} </chapters/{n}>`" for n in users.get(name, [])) or "—"
+        rows.append(f"| `{name}` | " + " | ".join(_cell(values[p][name]) for p in PROFILE_NAMES)
+                    + f" | {rule.describe() if rule else 'any value of its type'} | {readers} |")
+    return "\n".join(rows) + "\n"
+
+
+def _runs(p: str) -> dict[str, dict]:
+    path = figures_dir(p) / "runs.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def runs_table() -> str:
+    """Markdown: measured run time of each notebook under each profile, from the run records."""
+    rows, machines = [], {}
+    for p in PROFILE_NAMES:
+        for name, info in sorted(_runs(p).items()):
+            if info.get("status") != "ok" and "seconds" not in info:
+                rows.append(f"| `{name}` | `{p}` | failed | {info.get('started', '')} | — |")
+                continue
+            hw = info.get("hardware", {})
+            machine = f"{hw.get('cpus')} cores, {hw.get('cpu')}, {hw.get('memory_gb')} GiB"
+            machines[machine] = len(machines) + 1 if machine not in machines else machines[machine]
+            status = "ok" if info.get("status") == "ok" else "failed after this run"
+            rows.append(f"| `{name}` | `{p}` | {info['seconds']:.0f} s ({status}) | "
+                        f"{info.get('started', '')} | [{machines[machine]}] |")
+    if not rows:
+        return "No notebook has been run yet.\n"
+    head = "| notebook | profile | wall time | started (UTC) | machine |\n|---|---|---|---|---|\n"
+    notes = "\n".join(f"[{i}] {m}  " for m, i in machines.items())
+    return head + "\n".join(rows) + "\n\n" + notes + "\n"
+
+
+def figures_list() -> str:
+    """Markdown: every figure with its id, chapter, profile, status and citation."""
+    rows = []
+    for p in PROFILE_NAMES:
+        path = figures_dir(p) / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        for fig_id, e in sorted(manifest.items()):
+            if e["profile"] != p:
+                continue
+            status = "**stale** (last run failed)" if e.get("stale") else "current"
+            rows.append(f"| `{fig_id}` | {{doc}}`{e['notebook']} </chapters/{e['notebook']}>` "
+                        f"| `{p}` | {status} | `{e.get('command', '')}` |")
+    if not rows:
+        return "No figures yet.\n"
+    head = "| figure | chapter | profile | status | regenerate |\n|---|---|---|---|---|\n"
+    return head + "\n".join(rows) + "\n"
+
+
+def api_page() -> str:
+    """One automodule directive per module of the package."""
+    mods = sorted(m.name for m in pkgutil.iter_modules(sae_repro.__path__) if m.name != "__main__")
+    return "\n".join(f"## `sae_repro.{m}`\n\n```{{automodule}} sae_repro.{m}\n:members:\n"
+                     f":show-inheritance:\n```\n" for m in mods)
+
+
+def write_generated(book: Path) -> None:
+    out = book / "_generated"
+    out.mkdir(parents=True, exist_ok=True)
+    pages = {"profiles.md": profiles_table(), "runs.md": runs_table(),
+             "figures.md": figures_list(), "api.md": api_page()}
+    for name, text in pages.items():
+        (out / name).write_text(text)
+
+
+def _copy_figures(static: Path) -> None:
+    for p in PROFILE_NAMES:
+        path = figures_dir(p) / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        dest = static / "figures" / p
+        for entry in (e for e in manifest.values() if e["profile"] == p):
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in entry["files"]:
+                if (figures_dir(p) / f).exists():
+                    shutil.copyfile(figures_dir(p) / f, dest / f)
+
+
+# ---------------------------------------------------------------------------------------------
+# The build
+
+
+def stale_figures() -> list[str]:
+    out = []
+    for p in PROFILE_NAMES:
+        path = figures_dir(p) / "manifest.json"
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        out += [f"{k} ({p})" for k, e in manifest.items() if e.get("stale") and e["profile"] == p]
+    return out
+
+
+def build(out: Path | None = None) -> Path:
+    """Generate pages, copy figures and MathJax, run jupyter-book; returns the index.html path."""
+    book = pipeline.book_dir()
+    missing = [p.name for p in pipeline.notebook_paths()
+               if not (pipeline.executed_dir() / p.name).exists()]
+    if missing:
+        raise RuntimeError(f"notebooks not executed yet: {missing}; run `sae-repro run` first")
+    if stale := stale_figures():
+        print(f"[sae-repro] warning: stale figures (their notebook's last run failed; the book "
+              f"shows the previous ones and says so on the reproducibility page): {stale}",
+              file=sys.stderr)
+    write_generated(book)
+    static = book / "_static"
+    _copy_figures(static)
+    _copy_mathjax(static)
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb), "build", str(book), "--builder", "html", "--warningiserror", "--keep-going"]
+    if out is not None:
+        cmd += ["--path-output", str(out)]
+    subprocess.run(cmd, check=True)
+    index = (out or book) / "_build" / "html" / "index.html"
+    print(f"[sae-repro] book: {index}")
+    return index
