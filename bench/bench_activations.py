@@ -57,15 +57,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.n_tokens, args.layer)
-    from sae_repro.models import load_model
+    from sae_repro.activations import ActivationSpec, collect
 
-    load_model()  # make sure the converted model is cached before timing anything
+    # convert the model and tokenize the corpus once, outside the timed runs
+    collect(ActivationSpec(hooks=(f"blocks.{args.layer}.hook_resid_post",), n_tokens=100,
+                           with_loss=False), progress=False)
     rows = {}
     for name in CONFIGS:
         with tempfile.TemporaryDirectory() as tmp:
             env = os.environ.copy()
             real = Path(__file__).resolve().parent.parent / ".cache"
-            for sub in ("pypi", "corpus", "models"):
+            for sub in ("pypi", "corpus", "models", "tokens"):
                 os.symlink(real / sub, Path(tmp) / sub)
             env["SAE_REPRO_CACHE"] = tmp
             out = subprocess.run([sys.executable, __file__, "--child", name, "--n-tokens",
