@@ -71,6 +71,7 @@ class Job:
     params: dict[str, Any]
     overrides: dict[str, Any]
     after: list[str] = field(default_factory=list)
+    source: str = ""  # the package's source hash, taken once when the run is planned
 
     @property
     def name(self) -> str:
@@ -135,7 +136,7 @@ def plan(profile: str, only: list[str] | None = None,
         names = ", ".join(p.stem for p in paths)
         raise ParameterError(f"unknown parameter(s) {unknown} for notebook(s) {names}; "
                              f"allowed:\n  {allowed}")
-    jobs, errors = [], []
+    jobs, errors, source = [], [], source_hash()
     for nb, defaults in declared.items():
         mine = {k: v for k, v in overrides.items() if k in defaults}
         params = parameters_for(profile, list(defaults)) | mine
@@ -143,7 +144,7 @@ def plan(profile: str, only: list[str] | None = None,
             if name in defaults and (err := check_parameter(name, value, defaults[name])):
                 source = "override" if name in mine else f"profile {profile}"
                 errors.append(f"{nb.stem}: {err} ({source})")
-        jobs.append(Job(nb, params, mine, _after(nb)))
+        jobs.append(Job(nb, params, mine, _after(nb), source))
     if errors:
         raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(dict.fromkeys(errors)))
     return jobs
@@ -165,7 +166,7 @@ def source_hash() -> str:
 def _key_parts(job: Job) -> dict[str, Any]:
     return {"notebook": hashlib.sha256(job.path.read_bytes()).hexdigest(),
             "params": json.loads(json.dumps(job.params, default=str)),
-            "version": __version__, "source": source_hash()}
+            "version": __version__, "source": job.source or source_hash()}
 
 
 def _stamp_path(name: str, profile: str) -> Path:
@@ -311,7 +312,7 @@ def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None
               and (e := check_parameter(k, v, declared[k]))]
     if errors:
         raise ParameterError(f"{nb.stem}: invalid parameter(s):\n  " + "\n  ".join(errors))
-    return execute(Job(nb, params, overrides, _after(nb)), profile, force)
+    return execute(Job(nb, params, overrides, _after(nb), source_hash()), profile, force)
 
 
 def _report(r: RunResult, profile: str) -> None:

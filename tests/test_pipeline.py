@@ -1,47 +1,206 @@
-"""The walking skeleton: papermill runs a notebook under the `ci` profile, writes its figures with
-CSV and manifest, and jupyter-book builds HTML that shows them."""
+"""The pipeline: parameters checked before any kernel, reruns only what changed (parameters,
+notebook, recorded data), failures stop the run and leave the previous figures marked stale;
+figures carry what is needed to cite and regenerate them."""
 
 import json
-import re
+from pathlib import Path
 
+import nbformat
 import pytest
+import yaml
 
-from sae_repro import pipeline
-from sae_repro.profiles import PROFILE_NAMES, parameters_for, profile
+from sae_repro import __version__, cli, figures, pipeline
+from sae_repro.profiles import PROFILE_NAMES, check_parameter, parameters_for, profile
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Two small notebooks: `alpha` reads a data file it declares with record_input, `beta` raises
+# when asked to; both save a figure.
+_BODY = """
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from sae_repro.figures import record_input, save_figure
+{extra}
+data = pd.DataFrame({{"x": [0, 1, 2], "y": [0, {value}, 0]}})
+fig, ax = plt.subplots(figsize=(2, 2))
+ax.plot(data.x, data.y)
+save_figure(fig, data, "{name}-fig", notebook="{name}", profile=profile, params={params},
+            caption="A test figure.")
+"""
 
 
-def test_profiles_are_one_table():
+def _notebook(path: Path, params: str, body: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"), cell,
+                nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch) -> Path:
+    """Notebooks, executed copies, figures and caches all under tmp_path."""
+    for name in ("notebooks", "executed", "figures", "cache"):
+        (tmp_path / name).mkdir()
+    monkeypatch.setenv("SAE_REPRO_NOTEBOOKS", str(tmp_path / "notebooks"))
+    monkeypatch.setenv("SAE_REPRO_EXECUTED", str(tmp_path / "executed"))
+    monkeypatch.setenv("SAE_REPRO_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path / "cache"))
+    # others may edit the package while the tests run; a source change is tested on its own
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    data = tmp_path / "data.txt"
+    data.write_text("first version")
+    _notebook(tmp_path / "notebooks" / "alpha.ipynb", 'profile = "default"\nalpha_n = 3',
+              _BODY.format(name="alpha", value="alpha_n", params="dict(alpha_n=alpha_n)",
+                           extra=f"record_input('data', {str(data)!r})"))
+    _notebook(tmp_path / "notebooks" / "beta.ipynb", 'profile = "default"\nbeta_scale = 1.5',
+              _BODY.format(name="beta", value="beta_scale", params="dict(beta_scale=beta_scale)",
+                           extra='if beta_scale > 100:\n    raise ValueError("boom")'))
+    return tmp_path
+
+
+def _status(results) -> dict[str, str]:
+    return {r.notebook: r.status for r in results}
+
+
+def test_changing_one_parameter_reruns_only_the_notebooks_it_affects(sandbox):
+    assert _status(pipeline.run("ci", jobs=2)) == {"alpha": "ran", "beta": "ran"}
+    assert _status(pipeline.run("ci")) == {"alpha": "skipped", "beta": "skipped"}
+    again = pipeline.run("ci", overrides={"alpha_n": 4})
+    assert _status(again) == {"alpha": "ran", "beta": "skipped"}
+    assert again[0].reason == "parameters changed: alpha_n"
+    manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
+    assert manifest["alpha-fig"]["params"] == {"alpha_n": 4}
+    assert manifest["alpha-fig"]["command"] == "sae-repro run --profile ci --only alpha -p alpha_n 4"
+
+
+def test_changed_data_input_reruns_the_notebook_that_read_it(sandbox):
+    pipeline.run("ci")
+    entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
+    assert entry["inputs"]["data"] == figures.path_hash(sandbox / "data.txt")
+    assert set(entry["inputs"]) == {"data", "notebook", "sae_repro"}
+    (sandbox / "data.txt").write_text("second version")
+    again = pipeline.run("ci")
+    assert _status(again) == {"alpha": "ran", "beta": "skipped"}
+    assert again[0].reason == "input data changed"
+
+
+def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_stale(
+        sandbox, capsys):
+    assert cli.main(["run", "--profile", "ci"]) == 0
+    png = sandbox / "figures" / "beta-fig.png"
+    before, executed = png.read_bytes(), (sandbox / "executed" / "beta.ipynb").read_text()
+    assert cli.main(["run", "--profile", "ci", "-p", "beta_scale", "1000"]) == 1
+    err = capsys.readouterr().err
+    assert "notebook beta failed in cell 3 (ValueError: boom)" in err
+    assert png.read_bytes() == before  # the previous figure is kept ...
+    manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
+    assert manifest["beta-fig"]["stale"] is True  # ... and marked stale
+    assert manifest["alpha-fig"]["stale"] is False
+    assert (sandbox / "executed" / "beta.ipynb").read_text() == executed
+    runs = json.loads((sandbox / "figures" / "runs.json").read_text())
+    assert runs["beta"]["status"] == "failed" and runs["alpha"]["status"] == "ok"
+    # the next good run refreshes it, even with the same inputs as the last successful run
+    assert _status(pipeline.run("ci")) == {"alpha": "skipped", "beta": "ran"}
+    manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
+    assert manifest["beta-fig"]["stale"] is False
+
+
+def test_a_package_change_reruns_everything(sandbox, monkeypatch):
+    pipeline.run("ci")
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    again = pipeline.run("ci")
+    assert [r.reason for r in again] == ["sae_repro package changed"] * 2
+
+
+def _no_kernel(*args, **kwargs):
+    raise AssertionError("a kernel was started")
+
+
+def test_bad_parameters_are_rejected_before_a_kernel_starts(monkeypatch):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", _no_kernel)
+    with pytest.raises(pipeline.ParameterError, match=r"unknown parameter.*'no_such'(.|\n)*"
+                                                      r"syn_n_tokens: int = 40000 \(>= 1\)"):
+        pipeline.run("ci", overrides={"no_such": 1})
+    with pytest.raises(pipeline.ParameterError, match=r"syn_n_tokens=-5: must be >= 1"):
+        pipeline.run("ci", overrides={"syn_n_tokens": -5})
+    with pytest.raises(pipeline.ParameterError, match=r"layers=\['a'\]: expected list of int"):
+        pipeline.run("ci", overrides={"layers": ["a"]})
+    with pytest.raises(pipeline.ParameterError, match=r"seed=1.5: expected int"):
+        pipeline.run("ci", only=["dark_matter_synthetic"], overrides={"seed": 1.5})
+    with pytest.raises(pipeline.ParameterError, match="unknown parameter.*mad_n_tokens"):
+        pipeline.run("ci", only=["dark_matter_synthetic"], overrides={"mad_n_tokens": 10})
+    with pytest.raises(pipeline.ParameterError, match="--profile"):
+        pipeline.run("ci", overrides={"profile": "full"})
+    with pytest.raises(ValueError, match="unknown notebook"):
+        pipeline.notebook_paths(["nope"])
+    nb = pipeline.notebook_paths(["dark_matter_synthetic"])[0]
+    with pytest.raises(ValueError, match=r"unknown parameter(.|\n)*syn_n_tokens"):
+        pipeline.run_notebook(nb, "ci", {"no_such_param": 1})
+    # ints are fine where floats are expected; an override reaches only the notebooks declaring it
+    jobs = pipeline.plan("ci", overrides={"syn_noise_scales": [0, 1], "mad_n_tokens": 10})
+    by_name = {j.name: j for j in jobs}
+    assert by_name["dark_matter_synthetic"].overrides == {"syn_noise_scales": [0, 1]}
+    assert by_name["model_and_data"].params["mad_n_tokens"] == 10
+
+
+def test_type_and_range_rules():
+    assert check_parameter("x", 3, 2.5) is None
+    assert check_parameter("x", True, 1) == "x=True: expected int (like the default 1)"
+    assert check_parameter("x", "cpu", None) is None
+    assert "must be one of" in check_parameter("device", "tpu", "cpu")
+    assert "must be >= 0.0" in check_parameter("syn_noise_scales", [0.5, -1.0], [0.0])
+    assert "must be >= 1" in check_parameter("new_chapter_n_tokens", 0, 100)
+
+
+def test_profiles_are_one_table_and_valid_for_every_notebook():
     keys = set(profile("ci"))
     assert all(set(profile(p)) == keys for p in PROFILE_NAMES)
     with pytest.raises(ValueError, match="unknown profile"):
         profile("huge")
     assert parameters_for("ci", ["seed", "nope"]) == {"seed": 0, "profile": "ci"}
+    for p in PROFILE_NAMES:
+        pipeline.plan(p)  # raises if a profile's value does not fit a notebook's parameter
+    # a notebook's parameters cell holds the `default` profile's values
+    default = profile("default")
+    for nb in pipeline.notebook_paths():
+        for name, value in pipeline.declared_parameters(nb).items():
+            if name in default:
+                assert value == default[name], f"{nb.stem}: {name}={value!r} != {default[name]!r}"
 
 
-def test_unknown_override_is_rejected_before_a_kernel_starts():
-    nb = pipeline.notebook_paths(["dark_matter_synthetic"])[0]
-    with pytest.raises(ValueError, match="unknown parameter.*syn_n_tokens"):
-        pipeline.run_notebook(nb, "ci", {"no_such_param": 1})
-    with pytest.raises(ValueError, match="unknown notebook"):
-        pipeline.notebook_paths(["nope"])
+def test_full_profile_names_gpt2_and_its_pretrained_saes():
+    full = profile("full")
+    assert (full["model"], full["device"], full["sae_layer"]) == ("gpt2", "cuda", 6)
+    assert full["pretrained_sae_id"] == "blocks.6.hook_resid_post"
+    releases = (Path(__import__("sae_lens").__file__).parent / "pretrained_saes.yaml").read_text()
+    assert f"\n{full['pretrained_sae_release']}:\n" in releases
 
 
-def test_ci_profile_runs_and_book_shows_the_figure(isolated_cache, tmp_path, monkeypatch):
-    figs = tmp_path / "figs"
-    monkeypatch.setenv("SAE_REPRO_FIGURES", str(figs))
-    first = pipeline.run("ci", only=["dark_matter_synthetic"])
-    assert first[0].status == "ran"
-    manifest = json.loads((figs / "manifest.json").read_text())
-    for fig_id in ("dm-synthetic-table", "dm-synthetic-noise"):
-        entry = manifest[fig_id]
-        assert entry["profile"] == "ci" and entry["params"]["syn_n_tokens"] == 3_000
-        for f in entry["files"]:
-            assert (figs / f).stat().st_size > 0
-    again = pipeline.run("ci", only=["dark_matter_synthetic"])
-    assert again[0].status == "skipped"  # unchanged inputs
-    index = pipeline.build_book()
-    html = (index.parent / "chapters" / "dark_matter_synthetic.html").read_text()
-    images = re.findall(r'<img [^>]*src="([^"]+)"', html)
-    assert len(images) >= 2
-    for src in images:
-        assert (index.parent / "chapters" / src).resolve().stat().st_size > 1000
+def test_figure_citation_block():
+    c = figures.FigureCitation("dm-x", "A caption.", "0.1.0", "0123456789abcdef", False,
+                               figures.regenerate_command("ci", "nb", {"layers": [1, 2],
+                                                                       "model": "gpt2"}), "ci")
+    assert c.citation == "sae-repro contributors (2026), figure dm-x, sae-repro 0.1.0, commit 0123456789ab"
+    assert c.command == "sae-repro run --profile ci --only nb -p layers '[1, 2]' -p model gpt2"
+    html = c._repr_html_()
+    assert 'id="figure-dm-x"' in html and c.citation in html and "../_static/figures/ci/dm-x.csv" in html
+
+
+def test_citation_cff_is_valid_and_agrees_with_the_package():
+    import jsonschema
+
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    schema = json.loads((REPO / "tests" / "data" / "cff-1.2.0.schema.json").read_text())
+    jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker()).validate(cff)
+    assert cff["version"] == __version__
+    assert str(cff["date-released"]).startswith(str(figures.CITATION_YEAR))
+    bib = (REPO / "book" / "references.bib").read_text()
+    for arxiv in ("2410.14670", "2411.02124", "2411.10397"):
+        assert arxiv in bib and arxiv in (REPO / "CITATION.cff").read_text()
