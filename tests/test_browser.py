@@ -21,6 +21,8 @@ import pytest
 from sae_repro import book, pipeline
 from sae_repro.cache import cache_dir
 
+pytestmark = pytest.mark.browser
+
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
