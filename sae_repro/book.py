@@ -115,12 +115,13 @@ def runs_table() -> str:
     for p in PROFILE_NAMES:
         for name, info in sorted(_runs(p).items()):
             if info.get("status") != "ok" and "seconds" not in info:
-                rows.append(f"| `{name}` | `{p}` | failed | {info.get('started', '')} | — |")
+                rows.append(f"| `{name}` | `{p}` | failed | {info.get('failed_at', '')} | — |")
                 continue
             hw = info.get("hardware", {})
-            machine = f"{hw.get('cpus')} cores, {hw.get('cpu')}, {hw.get('memory_gb')} GiB"
+            machine = f"{hw.get('cpus')} cores, {hw.get('cpu')}, {hw.get('memory_gb')} GiB RAM"
+            machine += f", GPU: {hw['gpu']}" if hw.get("gpu") else ", no GPU"
             machines[machine] = len(machines) + 1 if machine not in machines else machines[machine]
-            status = "ok" if info.get("status") == "ok" else "failed after this run"
+            status = "ok" if info.get("status") == "ok" else "its next run failed"
             rows.append(f"| `{name}` | `{p}` | {info['seconds']:.0f} s ({status}) | "
                         f"{info.get('started', '')} | [{machines[machine]}] |")
     if not rows:
@@ -204,6 +205,11 @@ def build(out: Path | None = None) -> Path:
                if not (pipeline.executed_dir() / p.name).exists()]
     if missing:
         raise RuntimeError(f"notebooks not executed yet: {missing}; run `sae-repro run` first")
+    toc = (book / "_toc.yml").read_text()
+    unlisted = [p.stem for p in pipeline.notebook_paths() if f"chapters/{p.stem}" not in toc]
+    if unlisted:  # only_build_toc_files would leave them out silently
+        raise RuntimeError(f"notebooks missing from book/_toc.yml: {unlisted}; "
+                           f"add `- file: chapters/NAME` under Chapters")
     if stale := stale_figures():
         print(f"[sae-repro] warning: stale figures (their notebook's last run failed; the book "
               f"shows the previous ones and says so on the reproducibility page): {stale}",

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import platform
 import shutil
+import subprocess
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -224,7 +225,12 @@ def hardware() -> dict[str, Any]:
         mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError, AttributeError):
         mem_gb = None
-    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": mem_gb,
+    gpu = None
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        gpu = ", ".join(out.stdout.split("\n")).strip(", ") or None
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": mem_gb, "gpu": gpu,
             "platform": platform.platform(), "python": platform.python_version()}
 
 
@@ -247,18 +253,26 @@ def _failure_message(job: Job, err: Exception, failed_copy: Path) -> str:
     return msg + f"\n  previous output kept (figures marked stale); failed copy: {failed_copy}"
 
 
-def _record_run(profile: str, name: str, info: dict[str, Any]) -> None:
-    """runs.json beside the profile's figures: what ran when, how long, on what, and its status."""
-    update_json(figures_dir(profile) / "runs.json", lambda runs: runs.update({name: info}))
+def _record_run(profile: str, name: str, info: dict[str, Any], keep: bool = False) -> None:
+    """runs.json beside the profile's figures: what ran when, how long, on what, and its status.
+    With `keep`, fields of the previous record that `info` does not set are kept."""
+    def put(runs: dict) -> None:
+        runs[name] = (runs.get(name, {}) if keep else {}) | info
+
+    update_json(figures_dir(profile) / "runs.json", put)
 
 
 def execute(job: Job, profile: str, force: bool = False) -> RunResult:
     """Run one planned notebook into the executed folder, unless its inputs are unchanged."""
-    import papermill as pm
-
     reason = "forced" if force else why_run(job, profile)
     if reason is None:
         return RunResult(job.name, "skipped", 0.0, "inputs unchanged")
+    return _execute(job, profile, reason)
+
+
+def _execute(job: Job, profile: str, reason: str) -> RunResult:
+    import papermill as pm
+
     runs = cache_dir() / "runs" / profile
     sidecar = runs / f"{job.name}.sidecar.json"
     parts = _key_parts(job)
@@ -280,8 +294,9 @@ def execute(job: Job, profile: str, force: bool = False) -> RunResult:
                 if tmp.exists():
                     shutil.copyfile(tmp, failed)
                 stale = mark_stale(job.name, profile)
-                _record_run(profile, job.name, {"status": "failed", "started": started,
-                                                "error": f"{type(e).__name__}", "stale": stale})
+                _record_run(profile, job.name, {"status": "failed", "failed_at": started,
+                                                "error": type(e).__name__, "stale": stale},
+                            keep=True)
                 raise NotebookFailed(_failure_message(job, e, failed)) from None
     finally:
         if old_env is None:
@@ -362,12 +377,20 @@ def _run_parallel(planned: list[Job], profile: str, force: bool, jobs: int) -> l
         while pending or running:
             if failure is None:
                 for job in [j for j in pending if all(a in done or a not in names for a in j.after)]:
-                    print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
-                    running[pool.submit(execute, job, profile, force)] = job
                     pending.remove(job)
+                    # decided here, once the notebooks it reads from have finished
+                    reason = "forced" if force else why_run(job, profile)
+                    if reason is None:
+                        done[job.name] = RunResult(job.name, "skipped", 0.0, "inputs unchanged")
+                        _report(done[job.name], profile)
+                        continue
+                    print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
+                    running[pool.submit(_execute, job, profile, reason)] = job
             else:
                 pending = []  # start nothing new after a failure
             if not running:
+                if pending and failure is None:
+                    continue  # skipped jobs may have unblocked others
                 break
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:

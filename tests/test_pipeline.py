@@ -94,7 +94,7 @@ def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_sta
     assert cli.main(["run", "--profile", "ci"]) == 0
     png = sandbox / "figures" / "beta-fig.png"
     before, executed = png.read_bytes(), (sandbox / "executed" / "beta.ipynb").read_text()
-    assert cli.main(["run", "--profile", "ci", "-p", "beta_scale", "1000"]) == 1
+    assert cli.main(["run", "--profile", "ci", "-p", "beta_scale", "1000", "--jobs", "2"]) == 1
     err = capsys.readouterr().err
     assert "notebook beta failed in cell 3 (ValueError: boom)" in err
     assert png.read_bytes() == before  # the previous figure is kept ...
