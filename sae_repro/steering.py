@@ -1,0 +1,250 @@
+"""Steering: add a direction to a hooked activation and measure how the next-token predictions move.
+
+The g-SAE paper (Olmo et al. 2024) claims its latents "steer the model more effectively in
+arbitrary contexts" than TopK latents. We measure steering on a fixed set of contexts that has
+nothing to do with the latents (the "arbitrary contexts"): for each direction u (normalised to
+unit norm) we add `scale * u` to the activation at `hook`, at every position or only the last,
+and compare the steered next-token distribution q with the clean one p:
+
+- `kl`: KL(p || q) in nats, averaged over contexts and over the *steered* positions (all of them
+  for positions="all", the last one for positions="last": earlier positions cannot see a change
+  at the last one, so their KL is 0 up to float rounding and would only dilute the mean).
+- `kl_per_norm`: kl / scale, the KL per unit of added norm. (KL grows like scale^2 for small
+  scales; divide by `scale` again for a scale-free small-scale number.)
+- `target_logprob_delta`: log q(target) - log p(target), averaged the same way, when a target
+  token per direction is given (e.g. `top_promoted_token`, the token the direction most
+  promotes through the unembedding).
+
+`scale` is an absolute norm: choose it relative to the typical activation norm at the hook
+(residual norms grow with depth, and the first position of a context is often an attention sink
+with a far larger norm, where a fixed addition does little).
+
+Every direction is run in the same batches of contexts, with several directions stacked into
+the batch dimension; the clean logits are computed once per batch of contexts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import pandas as pd
+import torch
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from sae_repro.models import parse_hook
+
+POSITIONS = ("all", "last")
+METRICS = ("kl", "kl_per_norm", "target_logprob_delta")
+
+
+def random_directions(n: int, d: int, seed: int = 0) -> Tensor:
+    """n isotropic random unit vectors, the baseline for latent directions.  -> [n, d] float32."""
+    if n < 1 or d < 1:
+        raise ValueError(f"random_directions: n={n}, d={d}; both must be >= 1")
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, d, generator=g, dtype=torch.float64)
+    return (v / v.norm(dim=-1, keepdim=True)).float()
+
+
+def _unit_directions(model: HookedTransformer, directions: Tensor) -> Tensor:
+    """[n_dirs, d_model] or [d_model] -> unit rows [n_dirs, d_model], float32 on the model's device."""
+    d_model = model.cfg.d_model
+    if directions.ndim == 1:
+        directions = directions[None]
+    if directions.ndim != 2 or directions.shape[1] != d_model or directions.shape[0] == 0:
+        raise ValueError(f"directions: shape {tuple(directions.shape)}, expected [n_dirs, d_model={d_model}]")
+    if not directions.is_floating_point() or not torch.isfinite(directions).all():
+        raise ValueError("directions: must be a finite floating-point tensor")
+    norm = directions.double().norm(dim=-1, keepdim=True)
+    if (norm == 0).any():
+        raise ValueError(f"directions: rows {torch.nonzero(norm[:, 0] == 0)[:, 0].tolist()} have zero norm")
+    return (directions.double() / norm).float().to(model.cfg.device)
+
+
+def _check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int32, torch.int64) or tokens.numel() == 0:
+        raise ValueError(f"tokens: {tokens.dtype} of shape {tuple(tokens.shape)}, expected a "
+                         f"non-empty integer tensor [n_ctx, ctx_len]")
+    if tokens.shape[1] > model.cfg.n_ctx:
+        raise ValueError(f"tokens: ctx_len={tokens.shape[1]} exceeds the model's n_ctx={model.cfg.n_ctx}")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+        raise ValueError(f"tokens: ids must lie in 0..{model.cfg.d_vocab - 1}, got "
+                         f"{int(tokens.min())}..{int(tokens.max())}")
+    return tokens.long().to(model.cfg.device)
+
+
+@torch.no_grad()
+def top_promoted_token(model: HookedTransformer, directions: Tensor) -> Tensor:
+    """The token each direction most promotes through the unembedding.  [n_dirs, d_model] -> [n_dirs].
+
+    Direct path only (approximate): argmax_v of (LN-centred u * ln_final.w) @ W_U. Blocks between
+    the hook and the unembedding are ignored (exact only at the last layer's resid_post), and so
+    is ln_final's per-token normalisation: it is a positive scale that leaves the argmax of u's own
+    contribution alone, but it also mixes u with the residual already present.
+    """
+    u = _unit_directions(model, directions)
+    if model.cfg.normalization_type in ("LN", "LNPre"):
+        u = u - u.mean(-1, keepdim=True)  # LayerNorm removes the mean across d_model
+    w = getattr(getattr(model, "ln_final", None), "w", None)
+    if w is not None:
+        u = u * w.float()
+    return (u @ model.W_U.float()).argmax(-1)
+
+
+def _add_hook(directions: Tensor, scale: float, positions: str, n_ctx: int) -> Callable:
+    """Hook adding scale * directions[j] to batch rows j*n_ctx .. (j+1)*n_ctx - 1.  act: [k*n_ctx, L, d]."""
+    add = (scale * directions).repeat_interleave(n_ctx, dim=0)  # [k*n_ctx, d]
+
+    def hook_fn(act: Tensor, hook) -> Tensor:
+        a = add.to(act.dtype)
+        if positions == "all":
+            return act + a[:, None, :]
+        act = act.clone()
+        act[:, -1] += a
+        return act
+
+    return hook_fn
+
+
+@dataclass
+class SteeringPerPosition:
+    """Per-position effects of steering; positions="last" leaves earlier positions at 0 (causal masking)."""
+
+    kl: Tensor  # [n_dirs, n_ctx, ctx_len] float64, KL(clean || steered) in nats
+    target_logprob_delta: Tensor | None  # [n_dirs, n_ctx, ctx_len] float64, None without targets
+
+
+def _check_args(model, hook, scale, positions, batch_size) -> None:
+    parse_hook(model, hook)
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r}: expected one of {POSITIONS}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale={scale}: must be finite")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}: must be >= 1")
+
+
+@torch.no_grad()
+def steering_per_position(
+    model: HookedTransformer,
+    hook: str,
+    directions: Tensor,
+    tokens: Tensor,
+    *,
+    scale: float,
+    positions: Literal["all", "last"] = "all",
+    targets: Tensor | None = None,
+    batch_size: int = 8,
+) -> SteeringPerPosition:
+    """KL and target log-prob change at every position for each direction.
+
+    hook: a full hook name accepted by `models.parse_hook` ('blocks.3.hook_resid_post', ...).
+    directions: [n_dirs, d_model] (normalised here), tokens: [n_ctx, ctx_len], targets: [n_dirs].
+    batch_size: sequences per forward pass (contexts x stacked directions); the float64 log-probs
+    of one pass take batch_size * ctx_len * d_vocab * 8 bytes, twice.
+    """
+    _check_args(model, hook, scale, positions, batch_size)
+    dirs, tokens = _unit_directions(model, directions), _check_tokens(model, tokens)
+    n_dirs, (n_ctx, ctx_len) = dirs.shape[0], tokens.shape
+    if targets is not None:
+        targets = torch.as_tensor(targets)
+        if targets.shape != (n_dirs,) or targets.is_floating_point():
+            raise ValueError(f"targets: {targets.dtype} of shape {tuple(targets.shape)}, expected "
+                             f"integer token ids [n_dirs={n_dirs}]")
+        if targets.min() < 0 or targets.max() >= model.cfg.d_vocab:
+            raise ValueError(f"targets: ids must lie in 0..{model.cfg.d_vocab - 1}")
+        targets = targets.long().to(model.cfg.device)
+    kl = torch.zeros(n_dirs, n_ctx, ctx_len, dtype=torch.float64)
+    delta = torch.zeros_like(kl) if targets is not None else None
+    ctx_per_pass = min(batch_size, n_ctx)
+    dirs_per_pass = max(1, batch_size // ctx_per_pass)
+    for c0 in range(0, n_ctx, ctx_per_pass):
+        ctx = tokens[c0:c0 + ctx_per_pass]
+        nb = ctx.shape[0]
+        # float64 log-probs so that tiny KLs (small scales) are not lost to float32 rounding.
+        clean = model(ctx).double().log_softmax(-1)  # [nb, L, V]
+        p_clean = clean.exp()
+        for d0 in range(0, n_dirs, dirs_per_pass):
+            chunk = dirs[d0:d0 + dirs_per_pass]
+            k = chunk.shape[0]
+            logits = model.run_with_hooks(ctx.repeat(k, 1),
+                                          fwd_hooks=[(hook, _add_hook(chunk, scale, positions, nb))])
+            steered = logits.double().log_softmax(-1).view(k, nb, ctx_len, -1)  # [k, nb, L, V]
+            kl[d0:d0 + k, c0:c0 + nb] = (p_clean * (clean - steered)).sum(-1).cpu()
+            if delta is not None:
+                t = targets[d0:d0 + k].view(k, 1, 1, 1).expand(k, nb, ctx_len, 1)
+                d = steered.gather(-1, t) - clean[None].expand(k, -1, -1, -1).gather(-1, t)
+                delta[d0:d0 + k, c0:c0 + nb] = d[..., 0].cpu()
+    return SteeringPerPosition(kl=kl, target_logprob_delta=delta)
+
+
+def steering_effect(
+    model: HookedTransformer,
+    hook: str,
+    directions: Tensor,
+    tokens: Tensor,
+    *,
+    scale: float,
+    positions: Literal["all", "last"] = "all",
+    targets: Tensor | None = None,
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """One row per direction: direction, scale, positions, kl, kl_per_norm, target, target_logprob_delta.
+
+    Means are over contexts and the steered positions (see the module docstring). kl_per_norm is
+    kl / scale (NaN at scale 0); target columns are NA/NaN without targets.
+    """
+    res = steering_per_position(model, hook, directions, tokens, scale=scale, positions=positions,
+                                targets=targets, batch_size=batch_size)
+    sl = slice(None) if positions == "all" else slice(-1, None)  # steered positions only
+    kl = res.kl[..., sl].mean((1, 2))
+    n_dirs = kl.shape[0]
+    delta = (res.target_logprob_delta[..., sl].mean((1, 2)).tolist() if targets is not None
+             else [float("nan")] * n_dirs)
+    return pd.DataFrame({
+        "direction": range(n_dirs),
+        "scale": float(scale),
+        "positions": positions,
+        "kl": kl.tolist(),
+        "kl_per_norm": (kl / scale).tolist() if scale != 0 else [float("nan")] * n_dirs,
+        "target": pd.array(torch.as_tensor(targets).tolist() if targets is not None else [None] * n_dirs, dtype="Int64"),
+        "target_logprob_delta": delta,
+    })
+
+
+def compare_steering(
+    model: HookedTransformer,
+    hook: str,
+    dirs_a: Tensor,
+    dirs_b: Tensor,
+    tokens: Tensor,
+    scale: float,
+    *,
+    names: tuple[str, str] = ("a", "b"),
+    positions: Literal["all", "last"] = "all",
+    targets: Literal["top"] | None = "top",
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Summary of `steering_effect` for two groups of directions (e.g. g-SAE vs TopK latents).
+
+    dirs_a: [n_a, d_model], dirs_b: [n_b, d_model]. targets="top" uses each direction's
+    `top_promoted_token`; None skips the target metric. One row per (group, metric) with
+    n, mean, median and sem (standard error of the mean over directions).
+    """
+    if targets not in ("top", None):
+        raise ValueError(f"targets={targets!r}: expected 'top' or None")
+    if len(names) != 2 or names[0] == names[1]:
+        raise ValueError(f"names={names!r}: expected two distinct group names")
+    rows = []
+    for name, dirs in zip(names, (dirs_a, dirs_b)):
+        tgt = top_promoted_token(model, dirs) if targets == "top" else None
+        df = steering_effect(model, hook, dirs, tokens, scale=scale, positions=positions,
+                             targets=tgt, batch_size=batch_size)
+        for metric in (METRICS if targets else METRICS[:2]):
+            v = df[metric]
+            rows.append({"group": name, "metric": metric, "n": len(v), "mean": v.mean(),
+                         "median": v.median(), "sem": v.sem()})
+    return pd.DataFrame(rows)

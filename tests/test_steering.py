@@ -1,0 +1,112 @@
+import pytest
+import torch
+
+from sae_repro.models import load_model
+from sae_repro.steering import (compare_steering, random_directions, steering_effect,
+                                steering_per_position, top_promoted_token)
+
+LAST = "blocks.1.hook_resid_post"  # the tiny model's last residual stream, just before ln_final
+FIRST = "blocks.0.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_random_directions_unit_and_seeded():
+    a, b = random_directions(5, 64, seed=3), random_directions(5, 64, seed=3)
+    assert a.shape == (5, 64) and torch.equal(a, b)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(5))
+    assert not torch.equal(a, random_directions(5, 64, seed=4))
+
+
+def test_scale_zero_changes_nothing(model, tokens):
+    dirs = random_directions(3, model.cfg.d_model, seed=0)
+    df = steering_effect(model, FIRST, dirs, tokens, scale=0.0, targets=torch.tensor([1, 2, 3]))
+    assert (df["kl"].abs() < 1e-10).all() and (df["target_logprob_delta"].abs() < 1e-10).all()
+    assert df["kl_per_norm"].isna().all()
+
+
+def test_kl_grows_with_scale(model, tokens):
+    dirs = random_directions(3, model.cfg.d_model, seed=1)
+    kls = torch.tensor([steering_effect(model, FIRST, dirs, tokens, scale=s)["kl"].tolist()
+                        for s in (0.5, 2.0, 8.0)])  # [n_scales, n_dirs]
+    assert (kls[0] > 0).all() and (kls.diff(dim=0) > 0).all(), kls
+
+
+def test_unembedding_direction_promotes_its_token(model, tokens):
+    targets = torch.tensor([5, 65, 200])
+    dirs = model.W_U.detach().T[targets] * 7.0  # any multiple: directions are normalised
+    assert torch.equal(top_promoted_token(model, dirs), targets)
+    df = steering_effect(model, LAST, dirs, tokens, scale=50.0, targets=targets)
+    assert (df["target_logprob_delta"] > 1.0).all()
+    assert df["target"].tolist() == targets.tolist()
+    # the opposite direction demotes it
+    neg = steering_effect(model, LAST, -dirs, tokens, scale=50.0, targets=targets)
+    assert (neg["target_logprob_delta"] < 0).all()
+
+
+def test_batching_does_not_change_results(model, tokens):
+    dirs, ctx = random_directions(3, model.cfg.d_model, seed=2), tokens[:2]
+    targets = top_promoted_token(model, dirs)
+    ref = steering_per_position(model, FIRST, dirs, ctx, scale=3.0, targets=targets, batch_size=1)
+    for bs in (4, 100):  # 2 contexts x 2 stacked directions then 1; everything in one pass
+        out = steering_per_position(model, FIRST, dirs, ctx, scale=3.0, targets=targets, batch_size=bs)
+        torch.testing.assert_close(out.kl, ref.kl, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(out.target_logprob_delta, ref.target_logprob_delta, atol=1e-5, rtol=1e-4)
+    # a single direction ([d_model]) gives that direction's row
+    one = steering_per_position(model, FIRST, dirs[1], ctx, scale=3.0)
+    torch.testing.assert_close(one.kl[0], ref.kl[1], atol=1e-6, rtol=1e-4)
+
+
+def test_last_position_only(model, tokens):
+    dirs = random_directions(2, model.cfg.d_model, seed=5)
+    res = steering_per_position(model, FIRST, dirs, tokens, scale=5.0, positions="last")
+    assert res.kl.shape == (2, *tokens.shape) and res.target_logprob_delta is None
+    assert res.kl[..., :-1].abs().max() < 1e-10  # causal: earlier positions never see the change
+    assert (res.kl[..., -1] > 1e-4).all()
+    df = steering_effect(model, FIRST, dirs, tokens, scale=5.0, positions="last")
+    torch.testing.assert_close(torch.tensor(df["kl"].to_numpy()), res.kl[..., -1].mean(1))
+    assert df["target"].isna().all() and df["target_logprob_delta"].isna().all()
+
+
+def test_compare_steering_separates_groups(model, tokens):
+    aligned = model.W_U.detach().T[torch.tensor([10, 20, 30, 40])]
+    rand = random_directions(4, model.cfg.d_model, seed=0)
+    out = compare_steering(model, LAST, aligned, rand, tokens, 20.0, names=("unembed", "random"))
+    assert list(out.columns) == ["group", "metric", "n", "mean", "median", "sem"]
+    assert len(out) == 6 and (out["n"] == 4).all()
+    m = out.set_index(["group", "metric"])["mean"]
+    assert m["unembed", "target_logprob_delta"] > m["random", "target_logprob_delta"] > 0
+    no_t = compare_steering(model, LAST, aligned, rand, tokens, 20.0, targets=None)
+    assert set(no_t["metric"]) == {"kl", "kl_per_norm"}
+
+
+def test_bad_inputs(model, tokens):
+    u = random_directions(2, model.cfg.d_model)
+    with pytest.raises(ValueError, match="hook"):
+        steering_effect(model, "blocks.9.hook_resid_post", u, tokens, scale=1.0)
+    with pytest.raises(ValueError, match="d_model=64"):
+        steering_effect(model, FIRST, torch.randn(2, 63), tokens, scale=1.0)
+    with pytest.raises(ValueError, match="zero norm"):
+        steering_effect(model, FIRST, torch.zeros(2, 64), tokens, scale=1.0)
+    with pytest.raises(ValueError, match="positions"):
+        steering_effect(model, FIRST, u, tokens, scale=1.0, positions="first")
+    with pytest.raises(ValueError, match="targets"):
+        steering_effect(model, FIRST, u, tokens, scale=1.0, targets=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="targets"):
+        steering_effect(model, FIRST, u, tokens, scale=1.0, targets=torch.tensor([1, 999]))
+    with pytest.raises(ValueError, match="tokens"):
+        steering_effect(model, FIRST, u, tokens.float(), scale=1.0)
+    with pytest.raises(ValueError, match="tokens"):
+        steering_effect(model, FIRST, u, tokens + 1000, scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        steering_effect(model, FIRST, u, tokens, scale=float("nan"))
+    with pytest.raises(ValueError, match="batch_size"):
+        steering_effect(model, FIRST, u, tokens, scale=1.0, batch_size=0)
