@@ -31,7 +31,8 @@ from sae_repro.cache import atomic_path, cache_dir, sha256_file, update_json
 REPO = Path(__file__).resolve().parent.parent
 AUTHORS = "sae-repro contributors"
 CITATION_YEAR = 2026  # as in CITATION.cff (a test checks they agree)
-# Set by the pipeline for the kernel: JSON {"inputs": {name: {path, hash}}, "overrides": {...}}.
+# Set by the pipeline for the kernel: JSON {"inputs": {name: {path, hash}}, "overrides": {...},
+# "git": {"commit", "dirty"}}.
 SIDECAR_ENV = "SAE_REPRO_SIDECAR"
 
 _recorded: dict[str, dict[str, str | None]] = {}  # inputs recorded in this process
@@ -57,9 +58,19 @@ def git_commit() -> str:
     return _git("rev-parse", "HEAD") or "unknown"
 
 
+# What the numbers depend on: a change here, committed or not, makes the commit alone not enough.
+_SOURCES = ("sae_repro", "notebooks", "pyproject.toml", "constraints.txt")
+
+
 def git_dirty() -> bool:
-    """True if tracked files differ from the commit (then the commit alone does not reproduce)."""
-    return bool(_git("status", "--porcelain", "--untracked-files=no"))
+    """True if the package, notebooks or pins differ from the commit (untracked files included)."""
+    return bool(_git("status", "--porcelain", "--", *_SOURCES))
+
+
+def _git_state() -> tuple[str, bool]:
+    """(commit, dirty): as the pipeline saw them when the run started, else as they are now."""
+    side = _sidecar().get("git")
+    return (side["commit"], side["dirty"]) if side else (git_commit(), git_dirty())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +237,7 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
                         metadata={"Date": None} if ext == "svg" else None)
     with atomic_path(root / f"{fig_id}.csv") as tmp:
         data.to_csv(tmp, index=False)
-    commit, dirty = git_commit(), git_dirty()
+    commit, dirty = _git_state()
     citation = FigureCitation(fig_id, caption, __version__, commit, dirty,
                               regenerate_command(profile, notebook, _overrides(profile, params)),
                               profile)

@@ -31,8 +31,8 @@ from typing import Any
 
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, update_json, write_json
-from sae_repro.figures import (REPO, SIDECAR_ENV, figures_dir, figures_of, mark_stale,
-                               path_hash)
+from sae_repro.figures import (REPO, SIDECAR_ENV, figures_dir, figures_of, git_commit,
+                               git_dirty, mark_stale, path_hash)
 from sae_repro.profiles import check_parameter, parameters_for, rule_for
 
 
@@ -73,6 +73,7 @@ class Job:
     overrides: dict[str, Any]
     after: list[str] = field(default_factory=list)
     source: str = ""  # the package's source hash, taken once when the run is planned
+    git: dict[str, Any] = field(default_factory=dict)  # commit and dirty, taken then too
 
     @property
     def name(self) -> str:
@@ -137,7 +138,7 @@ def plan(profile: str, only: list[str] | None = None,
         names = ", ".join(p.stem for p in paths)
         raise ParameterError(f"unknown parameter(s) {unknown} for notebook(s) {names}; "
                              f"allowed:\n  {allowed}")
-    jobs, errors, source = [], [], source_hash()
+    jobs, errors, source, git = [], [], source_hash(), _git_now()
     for nb, defaults in declared.items():
         mine = {k: v for k, v in overrides.items() if k in defaults}
         params = parameters_for(profile, list(defaults)) | mine
@@ -145,7 +146,7 @@ def plan(profile: str, only: list[str] | None = None,
             if name in defaults and (err := check_parameter(name, value, defaults[name])):
                 source = "override" if name in mine else f"profile {profile}"
                 errors.append(f"{nb.stem}: {err} ({source})")
-        jobs.append(Job(nb, params, mine, _after(nb), source))
+        jobs.append(Job(nb, params, mine, _after(nb), source, git))
     if errors:
         raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(dict.fromkeys(errors)))
     return jobs
@@ -162,6 +163,10 @@ def source_hash() -> str:
     for p in sorted(pkg.rglob("*.py")):
         h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def _git_now() -> dict[str, Any]:
+    return {"commit": git_commit(), "dirty": git_dirty()}
 
 
 def _key_parts(job: Job) -> dict[str, Any]:
@@ -276,7 +281,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     runs = cache_dir() / "runs" / profile
     sidecar = runs / f"{job.name}.sidecar.json"
     parts = _key_parts(job)
-    write_json(sidecar, {"overrides": job.overrides, "inputs": {
+    write_json(sidecar, {"overrides": job.overrides, "git": job.git or _git_now(), "inputs": {
         "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
         "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -308,7 +313,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     write_json(_stamp_path(job.name, profile), {"key": hash_inputs(parts), "parts": parts,
                                                 "inputs": inputs, "seconds": seconds})
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
-                                    "params": job.params, "hardware": hardware(),
+                                    "params": job.params, "hardware": hardware(), "git": job.git,
                                     "inputs": {k: v["hash"] for k, v in inputs.items()}})
     return RunResult(job.name, "ran", seconds, reason)
 
@@ -327,7 +332,8 @@ def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None
               and (e := check_parameter(k, v, declared[k]))]
     if errors:
         raise ParameterError(f"{nb.stem}: invalid parameter(s):\n  " + "\n  ".join(errors))
-    return execute(Job(nb, params, overrides, _after(nb), source_hash()), profile, force)
+    return execute(Job(nb, params, overrides, _after(nb), source_hash(), _git_now()), profile,
+                   force)
 
 
 def _report(r: RunResult, profile: str) -> None:
