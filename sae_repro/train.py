@@ -1,0 +1,435 @@
+"""Train an SAE on cached activations: Adam, warmup + final linear decay, AuxK, checkpoints.
+
+    sae, history = train_sae(x, TrainConfig(k=32, expansion=8))      # x: [n_tokens, d_in]
+
+One step (`train_step`): sparse forward (bf16 encoder matmul if cfg.bf16) -> loss =
+mse (normalised: the batch FVU) + aux_coef * aux -> backward -> remove the gradient parallel to
+the decoder rows -> Adam -> decoder rows back to unit norm. Choices, after sparsify / OpenAI:
+- lr defaults to 2e-4 / sqrt(n_latents / 2**14) (sparsify); Adam betas (0.9, 0.999), eps 1e-8.
+- schedule: linear warmup over `warmup_steps`, constant, then linear decay to 0 over the last
+  `decay_fraction` (20%) of the steps (OpenAI TopK paper).
+- b_dec starts at the geometric median of a data sample (zero left half the latents dead here).
+- a latent is dead when it has not fired for `dead_window_tokens` tokens; AuxK trains those.
+- data: `epochs` passes over the tokens, each in a fresh seeded permutation; the last partial
+  batch of an epoch is dropped (batch rules need full batches).
+Everything random derives from `cfg.seed`: the same cfg, data and seed give bit-identical weights
+on CPU, and a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+
+Data parallel: if torch.distributed is initialised, the model is wrapped in DDP, every rank
+takes its slice of each global batch (batch rules then select within the rank's slice), fire
+counts are summed over ranks, and rank 0 writes the checkpoints. The ThresholdEMA of the batch
+rules follows rank 0's slices (DDP broadcasts buffers from rank 0 before each forward).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+
+from sae_repro.cache import atomic_path
+from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
+from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
+from sae_repro.sae import BUDGET_RULES, SAEConfig, SparseAutoencoder, SparseCodes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+_IGNORED_ON_RESUME = ("checkpoint_every", "log_every")  # fields that do not change the result
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; the SAE's own fields (rule, k, beta, ...) are passed through."""
+
+    k: int = 32
+    n_latents: int | None = None  # None -> expansion * d_in
+    expansion: int = 8
+    rule: str = "topk"  # topk | mutual_choice | feature_choice | gradient_topk
+    batch_size: int = 4096
+    lr: float | None = None  # None -> 2e-4 / sqrt(n_latents / 2**14)
+    warmup_steps: int | None = None  # None -> min(1000, total_steps // 20)
+    decay_fraction: float = 0.2  # linear decay to 0 over this final share of the steps
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    aux: str | None = "auxk"  # "auxk" | "zipf" | None
+    aux_coef: float = 1 / 32
+    k_aux: int | None = None  # None -> d_in // 2
+    dead_window_tokens: int = 1_000_000
+    underused_fraction: float = 0.5  # aux="zipf": density below this share of the Zipf target
+    beta: float = 0.0  # g-SAE
+    m: int | None = None  # feature choice capacity (None -> k * batch_size / n_latents)
+    capacity: str = "uniform"  # feature choice: "uniform" | "zipf"
+    zipf_exponent: float = 1.0
+    inference: str = "threshold"
+    threshold_decay: float = 0.99
+    b_dec_init: str = "geometric_median"  # | "mean" | "zero"
+    bf16: bool = False  # bf16 autocast for the encoder matmul (AMX: ~3-4x faster than fp32)
+    sparse: bool = True  # sparse decoder and backward (False: dense autograd reference)
+    seed: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    checkpoint_every: int | None = None  # steps; needs checkpoint_dir
+    log_every: int = 10  # steps between history rows (each one syncs and computes metrics)
+
+    def __post_init__(self) -> None:
+        if self.rule not in BUDGET_RULES:
+            raise ValueError(f"TrainConfig: rule={self.rule!r} cannot be trained here; "
+                             f"allowed: {', '.join(BUDGET_RULES)}")
+        if self.aux not in (None, "auxk", "zipf"):
+            raise ValueError(f"TrainConfig: aux={self.aux!r}; allowed: 'auxk', 'zipf', None")
+        for name in ("k", "expansion", "batch_size", "dead_window_tokens", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"TrainConfig: {name} must be a positive int, got {name}={v!r}")
+        for name in ("n_latents", "max_steps", "checkpoint_every", "k_aux", "m"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"TrainConfig: {name} must be None or a positive int, got {name}={v!r}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"TrainConfig: decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ValueError(f"TrainConfig: epochs must be a finite number > 0, got {self.epochs}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig: lr must be None or a finite number > 0, got {self.lr}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zero"):
+            raise ValueError(f"TrainConfig: b_dec_init={self.b_dec_init!r}; "
+                             f"allowed: 'geometric_median', 'mean', 'zero'")
+        self.adam_betas = tuple(self.adam_betas)
+
+    def resolved_n_latents(self, d_in: int) -> int:
+        return self.n_latents if self.n_latents is not None else self.expansion * d_in
+
+    def resolved_lr(self, n_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(n_latents / 2**14)
+
+    def sae_config(self, d_in: int, hook_name: str | None = None) -> SAEConfig:
+        return SAEConfig(d_in=d_in, n_latents=self.resolved_n_latents(d_in), rule=self.rule, k=self.k,
+                         m=self.m, capacity=self.capacity, zipf_exponent=self.zipf_exponent, beta=self.beta,
+                         inference=self.inference, threshold_decay=self.threshold_decay, hook_name=hook_name)
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_fraction: float) -> float:
+    """Multiplier of the base lr at `step`: linear warmup, constant, linear decay to 0 at the end."""
+    up = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    decay_start = int(total * (1 - decay_fraction))
+    down = min(1.0, (total - step) / max(1, total - decay_start)) if step >= decay_start else 1.0
+    return up * down
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def _unwrap(model: torch.nn.Module) -> SparseAutoencoder:
+    return model.module if isinstance(model, DDP) else model
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, *,
+               grad: Tensor | None = None, dead_mask: Tensor | None = None,
+               density: Tensor | None = None, validate: bool = True) -> dict[str, Any]:
+    """One optimisation step on batch [n, d_in] (grad: its loss gradients for the g-SAE).
+
+    model: a SparseAutoencoder or a DDP wrapper of one. dead_mask [L] bool feeds AuxK, density [L]
+    the Zipf auxiliary loss. Returns detached tensors (no host sync): loss, recon, aux,
+    fired [L] counts, and x_hat / codes for metrics. validate=False: batch already checked.
+    """
+    sae = _unwrap(model)
+    opt.zero_grad(set_to_none=True)
+    out = model(batch, grad, path="sparse" if cfg.sparse else "dense", bf16=cfg.bf16, validate=validate)
+    recon = mse(batch, out.x_hat)
+    aux = recon.new_zeros(())
+    if cfg.aux == "auxk" and dead_mask is not None:
+        aux = aux_k_loss(batch, out.x_hat, out.pre, dead_mask, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
+                         autocast=cfg.bf16)
+    elif cfg.aux == "zipf" and density is not None:
+        aux = aux_zipf_loss(batch, out.x_hat, out.pre, density, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
+                            autocast=cfg.bf16,
+                            underused_fraction=cfg.underused_fraction, dead_mask=dead_mask)
+    loss = recon + cfg.aux_coef * aux
+    loss.backward()
+    if sae.cfg.normalize_decoder:
+        sae.remove_parallel_decoder_grad()
+    opt.step()
+    if sae.cfg.normalize_decoder:
+        sae.set_decoder_norm_to_unit()
+    codes = out.codes
+    if isinstance(codes, SparseCodes):
+        codes = SparseCodes(codes.vals.detach(), codes.idx, codes.bag, codes.offsets, codes.n_latents)
+        fired = codes.fire_counts()
+    else:
+        codes = codes.detach()
+        fired = (codes > 0).sum(0)
+    return {"loss": loss.detach(), "recon": recon.detach(), "aux": aux.detach(), "fired": fired,
+            "x_hat": out.x_hat.detach(), "codes": codes}
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class _LatentStats:
+    """Per-latent firing statistics: tokens since the last fire, and an EMA of the density."""
+
+    since_fired: Tensor  # [L] long
+    density_ema: Tensor  # [L] float64, bias-corrected by density_steps
+    density_steps: int = 0
+
+    @classmethod
+    def zeros(cls, n_latents: int) -> "_LatentStats":
+        return cls(torch.zeros(n_latents, dtype=torch.long), torch.zeros(n_latents, dtype=torch.float64))
+
+    def update(self, fired: Tensor, n_tokens: int, window: int) -> None:
+        self.since_fired = torch.where(fired > 0, 0, self.since_fired + n_tokens)
+        decay = max(0.0, 1.0 - n_tokens / window)  # time constant ~ the dead window
+        self.density_ema = decay * self.density_ema + (1 - decay) * fired.double() / n_tokens
+        self.density_steps += 1
+
+    def dead_mask(self, window: int) -> Tensor:
+        return self.since_fired >= window
+
+    def density(self, window: int, n_tokens: int) -> Tensor:
+        decay = max(0.0, 1.0 - n_tokens / window)
+        corr = 1.0 - decay**self.density_steps if self.density_steps else 1.0
+        return (self.density_ema / max(corr, 1e-12)).float()
+
+
+def _permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The token order of one epoch, a pure function of (seed, epoch) so a resumed run recomputes it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def _fingerprint(x: Tensor) -> list[float]:
+    """A cheap identity of the training data, to refuse resuming on other data."""
+    return [float(x.shape[0]), float(x.shape[1]), float(x[:64].double().sum()), float(x[-64:].double().sum())]
+
+
+def _save_checkpoint(directory: Path, blob: dict[str, Any]) -> None:
+    with atomic_path(directory / CHECKPOINT_FILE) as tmp:
+        torch.save(blob, tmp)
+
+
+def _load_checkpoint(directory: Path, cfg: TrainConfig, fingerprint: list[float]) -> dict[str, Any] | None:
+    path = directory / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=True)
+    want = {k: v for k, v in asdict(cfg).items() if k not in _IGNORED_ON_RESUME}
+    have = {k: v for k, v in blob["cfg"].items() if k not in _IGNORED_ON_RESUME}
+    have["adam_betas"] = tuple(have.get("adam_betas", ()))
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        raise ValueError(f"checkpoint {path} was written with another config (fields {diff}: "
+                         f"{[(have.get(k), want.get(k)) for k in diff]}); use another checkpoint_dir or resume=False")
+    if blob["fingerprint"] != fingerprint:
+        raise ValueError(f"checkpoint {path} was written for other training data; "
+                         f"use another checkpoint_dir or resume=False")
+    return blob
+
+
+def _restore(blob: dict[str, Any], sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+             sched: LambdaLR) -> tuple[_LatentStats, list[dict[str, float]], int]:
+    """Load a checkpoint's model, optimizer, schedule and RNG state -> (stats, history, step)."""
+    sae.load_state_dict(blob["sae"])
+    opt.load_state_dict(blob["opt"])
+    sched.load_state_dict(blob["sched"])
+    torch.set_rng_state(blob["rng"])
+    return _LatentStats(**blob["stats"]), blob["history"], blob["step"]
+
+
+def _new_sae(x: Tensor, cfg: TrainConfig, hook: str | None, init: SparseAutoencoder | None) -> SparseAutoencoder:
+    """A fresh SAE (b_dec from a data sample) or one holding `init`'s weights."""
+    n, d = x.shape
+    sae = SparseAutoencoder(cfg.sae_config(d, hook), seed=cfg.seed)
+    if init is None:
+        sae.init_b_dec(x[_permutation(n, cfg.seed, 0)[:16384]].float(), cfg.b_dec_init)
+        return sae
+    if (init.cfg.d_in, init.cfg.n_latents) != (d, sae.cfg.n_latents):
+        raise ValueError(f"init has d_in={init.cfg.d_in}, n_latents={init.cfg.n_latents}; "
+                         f"cfg and data need d_in={d}, n_latents={sae.cfg.n_latents}")
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(init, name))
+    return sae
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _check_data(x: Tensor, name: str) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 2 or not x.is_floating_point():
+        got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a floating tensor [n_tokens, d_in], got {got}")
+    for chunk in x.split(1 << 16):  # chunked: a bool copy of 1M x d would cost d MB
+        if not bool(torch.isfinite(chunk).all()):
+            raise ValueError(f"{name} contains NaN or inf values; only finite values are allowed")
+
+
+def _resolve_data(x: Any, hook: str | None, grads: Tensor | None,
+                  cfg: TrainConfig) -> tuple[Tensor, Tensor | None, str | None]:
+    """Tensor or ActivationStore(+hook) -> (x [n, d], grads [n, d] | None, hook)."""
+    if not isinstance(x, Tensor):
+        if not hasattr(x, "load") or not hasattr(x, "spec"):
+            raise ValueError(f"x must be a Tensor [n_tokens, d_in] or an ActivationStore, got {type(x).__name__}")
+        hooks = x.spec.hooks
+        if hook is None and len(hooks) != 1:
+            raise ValueError(f"hook=None but the store has hooks {list(hooks)}: name one")
+        hook = hook or hooks[0]
+        if hook not in hooks:
+            raise ValueError(f"hook={hook!r} is not in the store; it has {list(hooks)}")
+        store, x = x, x.load(hook)
+        if grads is None and cfg.rule == "gradient_topk" and cfg.beta > 0:
+            if f"grad/{hook}" not in store.manifest["tensors"]:
+                raise ValueError(f"rule='gradient_topk' needs gradients; the store has none for {hook!r} "
+                                 f"(collect it with ActivationSpec(with_grad=True))")
+            grads = store.load(f"grad/{hook}")
+    _check_data(x, "x")
+    if grads is not None:
+        _check_data(grads, "grads")
+        if grads.shape != x.shape:
+            raise ValueError(f"grads must have x's shape {tuple(x.shape)}, got {tuple(grads.shape)}")
+    elif cfg.rule == "gradient_topk" and cfg.beta > 0:
+        raise ValueError("rule='gradient_topk' with beta > 0 needs grads [n_tokens, d_in] (the loss gradients)")
+    return x, grads, hook
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, grads: Tensor | None = None,
+              init: SparseAutoencoder | None = None, checkpoint_dir: str | Path | None = None,
+              resume: bool = True, progress: bool = True) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
+    """Train an SAE on x [n_tokens, d_in] (or an ActivationStore and its `hook`).
+
+    grads: [n_tokens, d_in] loss gradients at x (g-SAE; read from the store if not given).
+    init: start from this SAE's weights instead of a fresh init (fine-tuning, e.g. Feature
+    Choice from a Mutual Choice SAE as in Ayonrinde 2024); its rule may differ from cfg.rule.
+    checkpoint_dir: where `checkpoint.pt` is written every `cfg.checkpoint_every` steps
+    (atomically) and, with resume=True, read back to continue a killed run.
+    Returns the SAE (eval mode) and the history: one dict per `log_every` steps with step, tokens,
+    lr, loss, fvu, mse, l0, dead_fraction, aux, tokens_per_s.
+    """
+    x, grads, hook = _resolve_data(x, hook, grads, cfg)
+    n, d = x.shape
+    rank, world = _dist_info()
+    B = cfg.batch_size
+    if B > n:
+        raise ValueError(f"batch_size={B} is larger than the number of tokens n={n}")
+    if B % world:
+        raise ValueError(f"batch_size={B} must be divisible by the number of ranks {world}")
+    steps_per_epoch = n // B
+    total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
+
+    sae = _new_sae(x, cfg, hook, init)
+    L = sae.cfg.n_latents
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas,
+                           eps=cfg.adam_eps, fused=True)
+    sched = LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.decay_fraction))
+    stats, history, step = _LatentStats.zeros(L), [], 0
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    fingerprint = _fingerprint(x)
+    blob = _load_checkpoint(directory, cfg, fingerprint) if directory is not None and resume else None
+    if blob is not None:
+        stats, history, step = _restore(blob, sae, opt, sched)
+
+    model = DDP(sae) if world > 1 else sae
+    sae.train()
+    bar = tqdm(total=total, initial=step, desc=f"SAE {sae.cfg.rule} k={cfg.k} L={L}",
+               disable=not progress or rank != 0)
+    perm, perm_epoch, t_last, step_last = None, -1, time.perf_counter(), step
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = _permutation(n, cfg.seed, epoch), epoch
+        idx = perm[pos * B:(pos + 1) * B][rank::world]
+        batch = x[idx].float()
+        out = train_step(model, opt, batch, cfg, grad=grads[idx].float() if grads is not None else None,
+                         dead_mask=stats.dead_mask(cfg.dead_window_tokens),
+                         density=stats.density(cfg.dead_window_tokens, B) if cfg.aux == "zipf" else None,
+                         validate=False)  # _resolve_data checked all of x and grads
+        sched.step()
+        fired = out["fired"]
+        if world > 1:
+            dist.all_reduce(fired)
+        stats.update(fired, B, cfg.dead_window_tokens)
+        step += 1
+        if step % cfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            row = _log_row(step, B, opt, out, batch, stats, cfg, (step - step_last) * B / (now - t_last))
+            t_last, step_last = now, step
+            history.append(row)
+            bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
+        bar.update(1)
+        if directory is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
+            _save_checkpoint(directory, {
+                "format": 1, "cfg": asdict(cfg), "fingerprint": fingerprint, "step": step,
+                "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "stats": asdict(stats), "history": history, "rng": torch.get_rng_state()})
+    bar.close()
+    if world > 1:  # DDP broadcasts buffers from rank 0 before each forward: end on rank 0's too
+        for buf in sae.buffers():
+            dist.broadcast(buf, 0)
+    return sae.eval(), history
+
+
+def _log_row(step: int, B: int, opt: torch.optim.Optimizer, out: dict[str, Any], batch: Tensor,
+             stats: _LatentStats, cfg: TrainConfig, tokens_per_s: float) -> dict[str, float]:
+    codes = out["codes"]
+    dense = codes.to_dense() if isinstance(codes, SparseCodes) else codes
+    # "dead" = no fire within the window: since_fired < window marks a (>= 1) fire in it
+    return {"step": step, "tokens": step * B, "lr": opt.param_groups[0]["lr"],
+            "loss": float(out["loss"]), "fvu": fvu(batch, out["x_hat"]),
+            "mse": float(mse(batch, out["x_hat"], normalize=False)), "l0": l0(dense),
+            "dead_fraction": dead_fraction((stats.since_fired < cfg.dead_window_tokens).long()),
+            "aux": float(out["aux"]), "tokens_per_s": tokens_per_s}
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
+             batch_size: int = 4096) -> dict[str, Any]:
+    """Metrics of `sae` on x [n, d_in] in eval mode (batch rules use their learned threshold).
+
+    -> dict(fvu, mse, l0, dead_fraction (never fired on these n tokens), dense_fraction,
+    n_tokens, density [n_latents]), all through `metrics`.
+    """
+    _check_data(x, "x")
+    if grads is not None and grads.shape != x.shape:
+        raise ValueError(f"grads must have x's shape {tuple(x.shape)}, got {tuple(grads.shape)}")
+    was_training = sae.training
+    sae.eval()
+    try:
+        x_hats, counts, l0_sum = [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].float()
+            gb = grads[i:i + batch_size].float() if grads is not None else None
+            out = sae.forward_sparse(xb, gb)
+            dense = out.codes.to_dense()
+            x_hats.append(out.x_hat)
+            counts += feature_density(dense) * len(xb)  # per-latent fire counts on this batch
+            l0_sum += l0(dense) * len(xb)
+        x_hat = torch.cat(x_hats)
+    finally:
+        sae.train(was_training)
+    n = x.shape[0]
+    density = counts / n
+    return {"fvu": fvu(x.float(), x_hat), "mse": float(mse(x.float(), x_hat, normalize=False)),
+            "l0": l0_sum / n, "dead_fraction": dead_fraction(counts.round().long()),
+            "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density}
