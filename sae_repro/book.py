@@ -83,25 +83,29 @@ def _copy_mathjax(static: Path) -> None:
 
 
 def _cell(v: Any) -> str:
-    text = "—" if v is None else (", ".join(map(str, v)) if isinstance(v, list) else str(v))
-    return f"`{text}`" if v is not None else text
+    if v is None:
+        return "—"
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def profiles_table() -> str:
-    """Markdown table: one row per parameter, one column per profile, the rule, the readers."""
+    """Markdown: the values of each parameter per profile, then what each allows and who reads it."""
     users: dict[str, list[str]] = {}
     for nb in pipeline.notebook_paths():
         for name in pipeline.declared_parameters(nb):
             users.setdefault(name, []).append(nb.stem)
     values = {p: profile(p) for p in PROFILE_NAMES}
-    rows = ["| parameter | " + " | ".join(f"`{p}`" for p in PROFILE_NAMES) + " | allowed | read by |",
-            "|---" * (len(PROFILE_NAMES) + 3) + "|"]
-    for name in values[PROFILE_NAMES[0]]:
-        rule = rule_for(name)
-        readers = ", ".join(f"{{doc}}`{n} </chapters/{n}>`" for n in users.get(name, [])) or "—"
-        rows.append(f"| `{name}` | " + " | ".join(_cell(values[p][name]) for p in PROFILE_NAMES)
-                    + f" | {rule.describe() if rule else 'any value of its type'} | {readers} |")
-    return "\n".join(rows) + "\n"
+    names = list(values[PROFILE_NAMES[0]])
+    table = ["| parameter | " + " | ".join(PROFILE_NAMES) + " |",
+             "|---" * (len(PROFILE_NAMES) + 1) + "|"]
+    table += [f"| `{n}` | " + " | ".join(_cell(values[p][n]) for p in PROFILE_NAMES) + " |"
+              for n in names]
+    rules = ["| parameter | allowed values | read by |", "|---|---|---|"]
+    for n in names:
+        rule = rule_for(n)
+        readers = ", ".join(f"{{doc}}`{u} </chapters/{u}>`" for u in users.get(n, [])) or "—"
+        rules.append(f"| `{n}` | {rule.describe() if rule else 'any value of its type'} | {readers} |")
+    return "\n".join(table) + "\n\n" + "\n".join(rules) + "\n"
 
 
 def _runs(p: str) -> dict[str, dict]:
@@ -109,44 +113,46 @@ def _runs(p: str) -> dict[str, dict]:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _when(iso: str) -> str:
+    return iso.replace("T", " ")[:16] if iso else ""
+
+
 def runs_table() -> str:
     """Markdown: measured run time of each notebook under each profile, from the run records."""
     rows, machines = [], {}
     for p in PROFILE_NAMES:
         for name, info in sorted(_runs(p).items()):
-            if info.get("status") != "ok" and "seconds" not in info:
-                rows.append(f"| `{name}` | `{p}` | failed | {info.get('failed_at', '')} | — |")
+            if "seconds" not in info:
+                rows.append(f"| `{name}` | {p} | failed | {_when(info.get('failed_at', ''))} | — |")
                 continue
             hw = info.get("hardware", {})
-            machine = f"{hw.get('cpus')} cores, {hw.get('cpu')}, {hw.get('memory_gb')} GiB RAM"
+            machine = f"{hw.get('cpus')} cores ({hw.get('cpu')}), {hw.get('memory_gb')} GiB RAM"
             machine += f", GPU: {hw['gpu']}" if hw.get("gpu") else ", no GPU"
-            machines[machine] = len(machines) + 1 if machine not in machines else machines[machine]
-            status = "ok" if info.get("status") == "ok" else "its next run failed"
-            rows.append(f"| `{name}` | `{p}` | {info['seconds']:.0f} s ({status}) | "
-                        f"{info.get('started', '')} | [{machines[machine]}] |")
+            machines.setdefault(machine, len(machines) + 1)
+            status = "" if info.get("status") == "ok" else " (its next run failed)"
+            rows.append(f"| `{name}` | {p} | {info['seconds']:.0f} s{status} | "
+                        f"{_when(info.get('started', ''))} | {machines[machine]} |")
     if not rows:
         return "No notebook has been run yet.\n"
     head = "| notebook | profile | wall time | started (UTC) | machine |\n|---|---|---|---|---|\n"
-    notes = "\n".join(f"[{i}] {m}  " for m, i in machines.items())
+    notes = "\n".join(f"- machine {i}: {m}" for m, i in machines.items())
     return head + "\n".join(rows) + "\n\n" + notes + "\n"
 
 
 def figures_list() -> str:
-    """Markdown: every figure with its id, chapter, profile, status and citation."""
-    rows = []
+    """Markdown: every figure with its chapter, profile, status and the command that remakes it."""
+    items = []
     for p in PROFILE_NAMES:
         path = figures_dir(p) / "manifest.json"
         manifest = json.loads(path.read_text()) if path.exists() else {}
         for fig_id, e in sorted(manifest.items()):
             if e["profile"] != p:
                 continue
-            status = "**stale** (last run failed)" if e.get("stale") else "current"
-            rows.append(f"| `{fig_id}` | {{doc}}`{e['notebook']} </chapters/{e['notebook']}>` "
-                        f"| `{p}` | {status} | `{e.get('command', '')}` |")
-    if not rows:
-        return "No figures yet.\n"
-    head = "| figure | chapter | profile | status | regenerate |\n|---|---|---|---|---|\n"
-    return head + "\n".join(rows) + "\n"
+            status = "**stale**: its notebook's last run failed" if e.get("stale") else "current"
+            items.append(f"- `{fig_id}` ({{doc}}`{e['notebook']} </chapters/{e['notebook']}>`, "
+                         f"profile {p}, {status}, {_when(e['time'])} UTC): "
+                         f"`{e.get('command', '')}`")
+    return "\n".join(items) + "\n" if items else "No figures yet.\n"
 
 
 # Modules in the order of the flow; any others follow alphabetically.
