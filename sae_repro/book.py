@@ -165,9 +165,11 @@ def api_page() -> str:
     """One automodule directive per module of the package."""
     found = {m.name for m in pkgutil.iter_modules(sae_repro.__path__)} - {"__main__"}
     mods = [m for m in _FLOW if m in found] + sorted(found - set(_FLOW))
-    # eval-rst: autodoc emits reStructuredText, which MyST would print as text
-    return "\n".join(f"## `sae_repro.{m}`\n\n```{{eval-rst}}\n.. automodule:: sae_repro.{m}\n"
-                     f"   :members:\n   :show-inheritance:\n```\n" for m in mods)
+    # eval-rst: autodoc emits reStructuredText, which MyST would print as text; `name` in a
+    # docstring is code, as in Markdown (Sphinx's default_role does not reach eval-rst blocks)
+    return "\n".join(f"## `sae_repro.{m}`\n\n```{{eval-rst}}\n.. default-role:: literal\n\n"
+                     f".. automodule:: sae_repro.{m}\n   :members:\n   :show-inheritance:\n```\n"
+                     for m in mods)
 
 
 def write_generated(book: Path) -> None:
@@ -245,8 +247,15 @@ def _rst_problems(text: str) -> list[str]:
     from docutils import nodes
     from docutils.core import publish_doctree
 
-    doc = publish_doctree(text, settings_overrides={"report_level": 5, "halt_level": 5,
-                                                    "warning_stream": io.StringIO()})
+    from docutils.parsers.rst import roles
+
+    default = roles._roles.get("")  # a new document resets the default role: keep the page's
+    try:
+        doc = publish_doctree(text, settings_overrides={"report_level": 5, "halt_level": 5,
+                                                        "warning_stream": io.StringIO()})
+    finally:
+        if default is not None:
+            roles._roles[""] = default
     problems = [m.astext() for m in doc.findall(nodes.system_message) if m["level"] >= 2]
     return [p for p in problems if "Unknown interpreted text role" not in p
             and "Unknown directive type" not in p and 'No role entry for' not in p

@@ -39,6 +39,8 @@ _recorded: dict[str, dict[str, str | None]] = {}  # inputs recorded in this proc
 
 
 def figures_dir(profile: str) -> Path:
+    """Where a profile's figures go: `figures/` for `default`, else the cache ($SAE_REPRO_FIGURES
+    overrides both, for tests)."""
     env = os.environ.get("SAE_REPRO_FIGURES")
     root = Path(env) if env else (REPO / "figures" if profile == "default"
                                   else cache_dir() / "figures" / profile)
@@ -55,6 +57,7 @@ def _git(*args: str) -> str:
 
 
 def git_commit() -> str:
+    """The checked-out commit, or "unknown" outside a git checkout."""
     return _git("rev-parse", "HEAD") or "unknown"
 
 
