@@ -288,6 +288,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     t0 = time.time()
     old_env = os.environ.get(SIDECAR_ENV)
     os.environ[SIDECAR_ENV] = str(sidecar)  # inherited by the kernel
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the book's pages
     try:
         with atomic_path(executed_dir() / job.path.name) as tmp:
             try:

@@ -33,6 +33,14 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "pretrained_sae_id": (None, None, None, "blocks.6.hook_resid_post"),
     # model and data chapter
     "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
+    # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
+    "zoo_n_train": (4_096, 60_000, 150_000, 2_000_000),
+    "zoo_n_test": (1_024, 8_192, 16_384, 100_000),
+    "zoo_expansion": (4, 8, 8, 32),
+    "zoo_k": (8, 32, 32, 32),
+    "zoo_batch_size": (512, 4096, 4096, 4096),
+    "zoo_epochs": (2.0, 2.0, 3.0, 1.0),
+    "zoo_beta": (1.0, 1.0, 1.0, 1.0),
     # synthetic check of the Dark Matter paper
     "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),
     "syn_d_model": (32, 64, 128, 256),
@@ -79,6 +87,13 @@ RULES: dict[str, Rule] = {
     "drop_first": Rule(min=0),
     "layers": Rule(min=0),
     "sae_layer": Rule(min=0),
+    "zoo_n_train": Rule(min=1),
+    "zoo_n_test": Rule(min=1),
+    "zoo_expansion": Rule(min=1),
+    "zoo_k": Rule(min=1),
+    "zoo_batch_size": Rule(min=1),
+    "zoo_epochs": Rule(min=0.01),
+    "zoo_beta": Rule(min=0.0),
     "syn_d_model": Rule(min=1),
     "syn_n_features": Rule(min=1),
     "syn_avg_active": Rule(min=1),

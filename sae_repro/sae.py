@@ -335,6 +335,32 @@ class SparseAutoencoder(nn.Module):
         if grad.shape != x.shape:
             raise ValueError(f"latent_grad_from must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
 
+    @torch.no_grad()
+    def calibrate_threshold(self, x: Tensor, batch_size: int, max_batches: int = 16) -> None:
+        """Batch rules: re-learn the inference threshold with the final weights.
+
+        The EMA kept during training lags weights that are still moving (in short runs the
+        threshold-inference L0 was far from k). This resets it to the running mean, over up to
+        `max_batches` full batches of x [n, d_in], of the smallest activation the batch rule selects
+        (per latent for Feature Choice), so inference keeps about the training budget.
+        """
+        if self.cfg.rule not in BATCH_RULES:
+            return
+        n = x.shape[0]
+        if n < batch_size:
+            raise ValueError(f"calibrate_threshold: need at least batch_size={batch_size} tokens, got {n}")
+        was_training, decay = self.training, self.ema.decay
+        self.train()
+        self.ema.threshold.fill_(math.inf)
+        self.ema.seen.zero_()
+        try:
+            for i in range(min(max_batches, n // batch_size)):
+                self.ema.decay = i / (i + 1)  # EMA with this decay = running mean
+                self._rule_dense(self.pre_acts(x[i * batch_size:(i + 1) * batch_size].float()), None)
+        finally:
+            self.ema.decay = decay
+            self.train(was_training)
+
     def capacities(self, n_tokens: int) -> int | Tensor:
         """Feature choice capacity for a batch of n_tokens: an int m or a LongTensor [n_latents]."""
         cfg = self.cfg

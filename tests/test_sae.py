@@ -16,6 +16,7 @@ from sae_repro.sae import (
     SparseCodes,
     _flat_topk_indices,
 )
+from sae_repro.metrics import l0
 from sae_repro.sparsity import gradient_topk, topk
 
 D, L, N = 16, 64, 200
@@ -353,3 +354,16 @@ def test_to_sae_lens(sae_lens):
     x = data()
     with torch.no_grad():
         assert_close(theirs(x), sae(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_threshold_keeps_the_training_budget():
+    """After calibration, threshold inference keeps about k latents per token (Mutual Choice) and
+    about m tokens per latent (Feature Choice) on the data it was calibrated on."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16)
+    for rule in ("mutual_choice", "feature_choice"):
+        sae = SparseAutoencoder(SAEConfig(d_in=16, n_latents=64, rule=rule, k=4), seed=0)
+        sae.calibrate_threshold(x, batch_size=256)
+        sae.eval()
+        codes = sae.encode(x)
+        assert 0.8 * 4 <= l0(codes) <= 1.25 * 4, (rule, l0(codes))
