@@ -78,7 +78,7 @@ def test_changing_one_parameter_reruns_only_the_notebooks_it_affects(sandbox):
     assert manifest["alpha-fig"]["command"] == "sae-repro run --profile ci --only alpha -p alpha_n 4"
 
 
-def test_changed_data_input_reruns_the_notebook_that_read_it(sandbox):
+def test_changed_data_or_package_reruns_what_depends_on_it(sandbox, monkeypatch):
     pipeline.run("ci")
     entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
     assert entry["inputs"]["data"] == figures.path_hash(sandbox / "data.txt")
@@ -87,6 +87,9 @@ def test_changed_data_input_reruns_the_notebook_that_read_it(sandbox):
     again = pipeline.run("ci")
     assert _status(again) == {"alpha": "ran", "beta": "skipped"}
     assert again[0].reason == "input data changed"
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    again = pipeline.run("ci", jobs=2)
+    assert [r.reason for r in again] == ["sae_repro package changed"] * 2
 
 
 def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_stale(
@@ -108,13 +111,6 @@ def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_sta
     assert _status(pipeline.run("ci")) == {"alpha": "skipped", "beta": "ran"}
     manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
     assert manifest["beta-fig"]["stale"] is False
-
-
-def test_a_package_change_reruns_everything(sandbox, monkeypatch):
-    pipeline.run("ci")
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
-    again = pipeline.run("ci")
-    assert [r.reason for r in again] == ["sae_repro package changed"] * 2
 
 
 def _no_kernel(*args, **kwargs):
