@@ -140,16 +140,26 @@ def plan(profile: str, only: list[str] | None = None,
                              f"allowed:\n  {allowed}")
     jobs, errors, source, git = [], [], source_hash(), _git_now()
     for nb, defaults in declared.items():
-        mine = {k: v for k, v in overrides.items() if k in defaults}
-        params = parameters_for(profile, list(defaults)) | mine
-        for name, value in params.items():
-            if name in defaults and (err := check_parameter(name, value, defaults[name])):
-                source = "override" if name in mine else f"profile {profile}"
-                errors.append(f"{nb.stem}: {err} ({source})")
-        jobs.append(Job(nb, params, mine, _after(nb), source, git))
+        job, errs = _make_job(nb, profile, overrides, defaults, source, git)
+        jobs.append(job)
+        errors += errs
     if errors:
-        raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(dict.fromkeys(errors)))
+        raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(errors))
     return jobs
+
+
+def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[str, Any],
+              source: str, git: dict[str, Any]) -> tuple[Job, list[str]]:
+    """A notebook's job: the profile's values for what it declares, then its overrides; with the
+    errors of every value against the notebook's defaults and the rules."""
+    mine = {k: v for k, v in overrides.items() if k in defaults}
+    params = parameters_for(profile, list(defaults)) | mine
+    errors = []
+    for name, value in params.items():
+        if name in defaults and (err := check_parameter(name, value, defaults[name])):
+            origin = "override" if name in mine else f"profile {profile}"
+            errors.append(f"{nb.stem}: {err} ({origin})")
+    return Job(nb, params, mine, _after(nb), source, git), errors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,13 +338,10 @@ def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None
     if unknown:
         allowed = "\n  ".join(describe_parameter(k, v) for k, v in declared.items())
         raise ParameterError(f"{nb.stem}: unknown parameter(s) {unknown}; it takes:\n  {allowed}")
-    params = parameters_for(profile, list(declared)) | overrides
-    errors = [e for k, v in params.items() if k in declared
-              and (e := check_parameter(k, v, declared[k]))]
+    job, errors = _make_job(nb, profile, overrides, declared, source_hash(), _git_now())
     if errors:
-        raise ParameterError(f"{nb.stem}: invalid parameter(s):\n  " + "\n  ".join(errors))
-    return execute(Job(nb, params, overrides, _after(nb), source_hash(), _git_now()), profile,
-                   force)
+        raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(errors))
+    return execute(job, profile, force)
 
 
 def _report(r: RunResult, profile: str) -> None:
