@@ -123,18 +123,21 @@ def runs_table() -> str:
     for p in PROFILE_NAMES:
         for name, info in sorted(_runs(p).items()):
             if "seconds" not in info:
-                rows.append(f"| `{name}` | {p} | failed | {_when(info.get('failed_at', ''))} | — |")
+                rows.append(f"| `{name}` | {p} | failed | {_when(info.get('failed_at', ''))} | — | — |")
                 continue
             hw = info.get("hardware", {})
             machine = f"{hw.get('cpus')} cores ({hw.get('cpu')}), {hw.get('memory_gb')} GiB RAM"
             machine += f", GPU: {hw['gpu']}" if hw.get("gpu") else ", no GPU"
             machines.setdefault(machine, len(machines) + 1)
             status = "" if info.get("status") == "ok" else " (its next run failed)"
+            load = info.get("load_at_start")
             rows.append(f"| `{name}` | {p} | {info['seconds']:.0f} s{status} | "
-                        f"{_when(info.get('started', ''))} | {machines[machine]} |")
+                        f"{_when(info.get('started', ''))} | {'—' if load is None else load} | "
+                        f"{machines[machine]} |")
     if not rows:
         return "No notebook has been run yet.\n"
-    head = "| notebook | profile | wall time | started (UTC) | machine |\n|---|---|---|---|---|\n"
+    head = ("| notebook | profile | wall time | started (UTC) | load | machine |\n"
+            "|---|---|---|---|---|---|\n")
     notes = "\n".join(f"- machine {i}: {m}" for m, i in machines.items())
     return head + "\n".join(rows) + "\n\n" + notes + "\n"
 

@@ -295,6 +295,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
         "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
         "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    load = round(os.getloadavg()[0], 1)  # other work on the machine slows this run down
     t0 = time.time()
     old_env = os.environ.get(SIDECAR_ENV)
     os.environ[SIDECAR_ENV] = str(sidecar)  # inherited by the kernel
@@ -324,6 +325,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     write_json(_stamp_path(job.name, profile), {"key": hash_inputs(parts), "parts": parts,
                                                 "inputs": inputs, "seconds": seconds})
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
+                                    "load_at_start": load,
                                     "params": job.params, "hardware": hardware(), "git": job.git,
                                     "inputs": {k: v["hash"] for k, v in inputs.items()}})
     return RunResult(job.name, "ran", seconds, reason)
