@@ -65,7 +65,8 @@ def mathjax_dir() -> Path:
             raise RuntimeError(f"mathjax-{MATHJAX_VERSION}.tgz: integrity {algo}-{got} != {want}")
         with atomic_path(root) as out, tarfile.open(tgz) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith("package/es5/")]
-            tar.extractall(tmp, members=members, filter="data")
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # 3.10.12+
+            tar.extractall(tmp, members=members, **safe)
             shutil.move(str(Path(tmp) / "package"), out)
     return root
 
