@@ -15,10 +15,35 @@ the decoder rows -> Adam -> decoder rows back to unit norm. Choices, after spars
 Everything random derives from `cfg.seed`: the same cfg, data and seed give bit-identical weights
 on CPU, and a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
 
-Data parallel: if torch.distributed is initialised, the model is wrapped in DDP, every rank
-takes its slice of each global batch (batch rules then select within the rank's slice), fire
-counts are summed over ranks, and rank 0 writes the checkpoints. The ThresholdEMA of the batch
-rules follows rank 0's slices (DDP broadcasts buffers from rank 0 before each forward).
+Data parallel (DDP): if torch.distributed is initialised, `batch_size` is the *global* batch.
+Every rank holds the same x, draws the same seeded permutation and takes its contiguous shard
+(batch_size / world_size tokens) of each global batch; the model is wrapped in DDP, which
+averages the gradients. The batch-FVU losses are normalised by the *global* batch's variance
+(two small all_reduces; a rank's own variance differs), scaled by world_size so that DDP's
+average equals the one-process gradient; the same for the AuxK / Zipf auxiliary loss, whose
+normaliser is the variance of the residual x - x_hat. Fire counts are summed over ranks, so the
+dead-latent statistics (and the AuxK pool) are those of the global batch on every rank. b_dec's
+init reads the same data sample on every rank (and DDP broadcasts rank 0's parameters at wrap
+time); rank 0 writes the checkpoints. Token-wise rules (topk, gradient_topk) then train the same
+SAE as one process given the same global batch, up to float summation order (tests/test_ddp.py).
+Batch rules (mutual / feature choice) select within the rank's shard, which is not the global
+batch rule, and their ThresholdEMA follows rank 0 (DDP broadcasts buffers before each forward).
+The history's batch metrics (loss, fvu, mse, l0) are each rank's own shard's.
+Launch one process per rank with torchrun, e.g. on one machine with 2 CPU processes:
+
+    # train_ddp.py
+    import torch, torch.distributed as dist
+    from sae_repro.activations import ActivationSpec, collect
+    from sae_repro.train import TrainConfig, train_sae
+    dist.init_process_group("gloo")          # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    torch.set_num_threads(1)                 # cores / processes
+    store = collect(ActivationSpec(n_tokens=1_000_000, with_loss=False))  # same store on every rank
+    sae, history = train_sae(store, TrainConfig(k=32, batch_size=4096), checkpoint_dir="ckpt")
+    if dist.get_rank() == 0:
+        sae.save("sae_out")
+    dist.destroy_process_group()
+
+    torchrun --standalone --nproc_per_node 2 train_ddp.py
 """
 
 from __future__ import annotations
@@ -133,6 +158,18 @@ def _unwrap(model: torch.nn.Module) -> SparseAutoencoder:
     return model.module if isinstance(model, DDP) else model
 
 
+def _global_sq_dev(t: Tensor) -> Tensor:
+    """sum_i ||t_i - mean||^2 over the rows of all ranks (equal shards), mean the global row mean.
+
+    t: [n_rank, d] -> scalar, the same on every rank; clamped at 1e-12 like `losses.mse`."""
+    mean = t.sum(0, dtype=torch.float64)
+    dist.all_reduce(mean)
+    mean /= t.shape[0] * dist.get_world_size()
+    dev = (t - mean.to(t.dtype)).pow(2).sum().detach()
+    dist.all_reduce(dev)
+    return dev.clamp_min(1e-12)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, *,
                grad: Tensor | None = None, dead_mask: Tensor | None = None,
                density: Tensor | None = None, validate: bool = True) -> dict[str, Any]:
@@ -143,9 +180,13 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor
     fired [L] counts, and x_hat / codes for metrics. validate=False: batch already checked.
     """
     sae = _unwrap(model)
+    world = dist.get_world_size() if isinstance(model, DDP) else 1
     opt.zero_grad(set_to_none=True)
     out = model(batch, grad, path="sparse" if cfg.sparse else "dense", bf16=cfg.bf16, validate=validate)
-    recon = mse(batch, out.x_hat)
+    if world == 1:
+        recon = mse(batch, out.x_hat)
+    else:  # batch is this rank's shard: normalise by the global batch's variance (see module doc)
+        recon = (batch - out.x_hat).pow(2).sum() * (world / _global_sq_dev(batch))
     aux = recon.new_zeros(())
     if cfg.aux == "auxk" and dead_mask is not None:
         aux = aux_k_loss(batch, out.x_hat, out.pre, dead_mask, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
@@ -154,6 +195,11 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor
         aux = aux_zipf_loss(batch, out.x_hat, out.pre, density, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
                             autocast=cfg.bf16,
                             underused_fraction=cfg.underused_fraction, dead_mask=dead_mask)
+    if world > 1 and cfg.aux is not None:
+        # both aux losses are scale * |e - e_hat|^2 / sum|e - mean(e)|^2 over the rank's tokens,
+        # e = x - x_hat detached: swap that normaliser for the global one (a constant factor)
+        e = (batch - out.x_hat).detach()
+        aux = aux * ((e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12) * world / _global_sq_dev(e))
     loss = recon + cfg.aux_coef * aux
     loss.backward()
     if sae.cfg.normalize_decoder:
@@ -261,6 +307,19 @@ def _new_sae(x: Tensor, cfg: TrainConfig, hook: str | None, init: SparseAutoenco
     return sae
 
 
+def _check_same_on_ranks(values: list[float]) -> None:
+    """Refuse to train if the ranks disagree on the data (fingerprint) or the resumed step."""
+    mine = torch.tensor(values, dtype=torch.float64)
+    first = mine.clone()
+    dist.broadcast(first, 0)
+    ok = torch.tensor([int(torch.equal(mine, first))])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not ok.item():
+        raise ValueError(f"data parallel: the ranks differ in their data or resumed step (rank 0: "
+                         f"{first.tolist()}, rank {dist.get_rank()}: {values}); every rank needs the same x "
+                         f"and the same checkpoint_dir contents")
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -346,8 +405,10 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     blob = _load_checkpoint(directory, cfg, fingerprint) if directory is not None and resume else None
     if blob is not None:
         stats, history, step = _restore(blob, sae, opt, sched)
+    if world > 1:
+        _check_same_on_ranks(fingerprint + [float(step)])
 
-    model = DDP(sae) if world > 1 else sae
+    model = DDP(sae) if world > 1 else sae  # broadcasts rank 0's parameters and buffers
     sae.train()
     bar = tqdm(total=total, initial=step, desc=f"SAE {sae.cfg.rule} k={cfg.k} L={L}",
                disable=not progress or rank != 0)
@@ -356,7 +417,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         epoch, pos = divmod(step, steps_per_epoch)
         if epoch != perm_epoch:
             perm, perm_epoch = _permutation(n, cfg.seed, epoch), epoch
-        idx = perm[pos * B:(pos + 1) * B][rank::world]
+        idx = perm[pos * B:(pos + 1) * B][rank * B // world:(rank + 1) * B // world]  # contiguous shard
         batch = x[idx].float()
         out = train_step(model, opt, batch, cfg, grad=grads[idx].float() if grads is not None else None,
                          dead_mask=stats.dead_mask(cfg.dead_window_tokens),
