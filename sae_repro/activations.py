@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -136,8 +137,12 @@ def _forward(model: HookedTransformer, tokens: Tensor, spec: ActivationSpec) -> 
         return act
 
     hooks = [(h, grab) for h in spec.hooks]
-    if spec.with_grad:  # a leaf at the embedding makes every later activation part of the graph
-        hooks.append(("hook_embed", lambda act, hook: act.detach().requires_grad_(True)))
+    first = min(parse_hook(model, h) for h in spec.hooks)
+    if spec.with_grad:
+        # A leaf at the first hooked block's input puts every hooked activation in the graph, and
+        # only from there on: the earlier layers run without building one (weights are frozen).
+        hooks.insert(0, (f"blocks.{first}.hook_resid_pre",
+                         lambda act, hook: act.detach().requires_grad_(True)))
     stop = None
     if not (spec.with_loss or spec.with_grad):  # nothing needs the later layers
         stop = max(parse_hook(model, h) for h in spec.hooks) + 1
@@ -147,8 +152,9 @@ def _forward(model: HookedTransformer, tokens: Tensor, spec: ActivationSpec) -> 
                                    return_type="logits" if stop is None else None)
         result: dict[str, Tensor] = {}
         if stop is None:
-            logp = out.float().log_softmax(-1)[:, :-1]
-            loss = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # [b, ctx-1]
+            logits = out[:, :-1].float()
+            loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(),
+                                   reduction="none").view(logits.shape[:2])  # [b, ctx-1]
             result["loss"] = loss[:, keep].detach()
             if spec.with_grad:
                 grads = torch.autograd.grad(loss.sum(), [acts[h] for h in spec.hooks])

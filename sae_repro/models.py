@@ -122,9 +122,9 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
     """Return a hooked model in eval mode: the embedded default, the tiny test model or a hub name."""
     if name == DEFAULT_MODEL:
-        return _load_smollm2(device, dtype)
+        return _frozen(_load_smollm2(device, dtype))
     if name == TINY_MODEL:
-        return tiny_model(seed).to(device).to(dtype)
+        return _frozen(tiny_model(seed).to(device).to(dtype))
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name
     try:
         get_official_model_name(name)
@@ -133,7 +133,14 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu",
             f"unknown model name={name!r}: use one of the embedded {EMBEDDED_MODELS} or a "
             f"transformer_lens model name such as 'gpt2' or 'google/gemma-2-2b' "
             f"({len(OFFICIAL_MODEL_NAMES)} known)") from None
-    return HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype).eval()
+    return _frozen(HookedTransformer.from_pretrained_no_processing(name, device=device, dtype=dtype))
+
+
+def _frozen(model: HookedTransformer) -> HookedTransformer:
+    """Eval mode, weights without grad: we study the model, never train it (and a backward to an
+    activation then builds no graph for the weights)."""
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def hook_name(model: HookedTransformer, kind: str, layer: int) -> str:

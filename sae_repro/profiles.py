@@ -34,12 +34,13 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     # model and data chapter
     "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
-    "zoo_n_train": (4_096, 60_000, 150_000, 2_000_000),
-    "zoo_n_test": (1_024, 8_192, 16_384, 100_000),
+    # gradients need a backward pass: ~60-150 tokens/s on 2 cores, so the CPU stores are small
+    "zoo_n_train": (4_096, 20_000, 60_000, 2_000_000),
+    "zoo_n_test": (1_024, 4_096, 8_192, 100_000),
     "zoo_expansion": (4, 8, 8, 32),
     "zoo_k": (8, 32, 32, 32),
     "zoo_batch_size": (512, 4096, 4096, 4096),
-    "zoo_epochs": (2.0, 2.0, 3.0, 1.0),
+    "zoo_epochs": (2.0, 4.0, 5.0, 1.0),
     "zoo_beta": (1.0, 1.0, 1.0, 1.0),
     # synthetic check of the Dark Matter paper
     "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),

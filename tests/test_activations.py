@@ -73,20 +73,22 @@ def test_killed_run_resumes(isolated_cache, monkeypatch, count_writes):
     assert not list(s.root.glob(".tmp-*"))  # no half-written file left behind
 
 
-def test_gradient_matches_finite_difference(isolated_cache):
-    """grad/<hook> is d(sum of next-token losses)/d(activation): check on one position."""
-    sp = spec(with_grad=True, n_tokens=29, hooks=("blocks.0.hook_resid_post",))
+@pytest.mark.parametrize("hook", HOOKS)
+def test_gradient_matches_finite_difference(isolated_cache, hook):
+    """grad/<hook> is d(sum of next-token losses)/d(activation): check on one position, for a
+    store holding two hooks in different layers (the graph starts at the first one's block)."""
+    sp = spec(with_grad=True, n_tokens=29)
     s = collect(sp)
     model = load_model("tiny-random").double()
     tokens = A._contexts(sp, A.load_corpus(sp.corpus), model.tokenizer)[:1]
-    g = s.load("grad/blocks.0.hook_resid_post")[5].double()  # kept index 5 = position 7
+    g = s.load(f"grad/{hook}")[5].double()  # kept index 5 = position 7
     delta = torch.randn(64, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-4
 
     def total_loss(shift: torch.Tensor) -> float:
         def add(act, hook):
             act[:, 7] += shift
             return act
-        logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", add)])
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(hook, add)])
         logp = logits.log_softmax(-1)[:, :-1]
         return float(-logp.gather(-1, tokens[:, 1:, None]).sum())
 
