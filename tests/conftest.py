@@ -17,3 +17,15 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
         (tmp_path / sub).symlink_to(real / sub)
     monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path))
     return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Test tensors are tiny: on a shared 2-core box, intra-op threads only add spin-wait
+    contention (tiny steps ran ~30x slower with 2 threads while another job ran)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

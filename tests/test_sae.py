@@ -32,14 +32,6 @@ RULES = [  # (rule, extra config)
 IDS = [r + ("-" + "-".join(kw) if kw else "") for r, kw in RULES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: OpenMP thread hand-offs cost more than the work (and much more on a busy box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def data(n: int = N, d: int = D, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

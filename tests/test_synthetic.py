@@ -13,14 +13,6 @@ from sae_repro.synthetic import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: on a shared 2-core box, intra-op threads only add spin-wait contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def test_shapes_and_structure():
     acts = sparse_features(500, 16, 64, avg_active=4, dense_dim=3, dense_scale=2.0, seed=0)

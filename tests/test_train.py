@@ -18,14 +18,6 @@ from sae_repro.train import TrainConfig, evaluate, lr_factor, train_sae, train_s
 D, ATOMS, K = 32, 64, 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems: OpenMP thread hand-offs cost more than the work (and much more on a busy box)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def synthetic(n: int = 4096, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)

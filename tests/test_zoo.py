@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from sae_repro import zoo
@@ -7,13 +6,6 @@ from sae_repro.train import TrainConfig
 
 HOOK = "blocks.1.hook_resid_post"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_trained_sae_is_cached_and_keyed_by_config(isolated_cache, monkeypatch):
