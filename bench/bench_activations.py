@@ -4,11 +4,11 @@ Runs, each in a fresh subprocess (so peak memory is per configuration) and a fre
   stop      : activations only; the forward pass stops after the hooked layer
   full      : activations + per-token loss (whole forward pass, unembedding included)
   full-bf16 : the same under bf16 autocast (AMX)
-  grad      : activations + loss + d(loss)/d(activation) (forward + backward)
+  grad      : activations + loss + d(loss)/d(activation) (forward + backward; --with-grad)
 and prints tokens/s, peak RSS, the share of time saved by stopping at the layer, and the mean
 next-token loss of fp32 vs bf16 autocast.
 
-    .venv/bin/python bench/bench_activations.py [--n-tokens 100000] [--layer 15]
+    .venv/bin/python bench/bench_activations.py [--n-tokens 100000] [--layer 15] [--with-grad]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-tokens", type=int, default=100_000)
     ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--with-grad", action="store_true", help="also time gradient collection (slow)")
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -62,8 +63,11 @@ def main() -> None:
     # convert the model and tokenize the corpus once, outside the timed runs
     collect(ActivationSpec(hooks=(f"blocks.{args.layer}.hook_resid_post",), n_tokens=100,
                            with_loss=False), progress=False)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     rows = {}
     for name in CONFIGS:
+        if name == "grad" and not args.with_grad:
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             env = os.environ.copy()
             real = Path(__file__).resolve().parent.parent / ".cache"
