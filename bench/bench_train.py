@@ -1,0 +1,326 @@
+"""Benchmark: training a TopK SAE, ours (`sae_repro.train`) against SAELens' `SAETrainer`.
+
+One process, identical activations (the default model's layer-15 residual stream, bf16 store),
+the same token order (our seeded permutation, fed to SAELens as an iterator of batches), the same
+number of tokens, lr, Adam betas and schedule (warmup 5%, linear decay to 0 over the last 20%).
+What the libraries do differently and keep: SAELens clips the gradient norm to 1, starts b_dec at
+0 and the decoder rows at norm 0.1, rescales the TopK by the decoder norms, and uses an
+unnormalised MSE; we start b_dec at the geometric median, keep unit decoder rows and normalise
+the MSE by the batch variance. Both have AuxK on (no latent dies within a few hundred k tokens).
+
+Printed, per variant: tokens/s of whole training runs (best and median over --repeats runs,
+variants alternating), FVU and L0 on held-out activations (split="test"; `sae_repro.metrics.fvu`
+for both), peak RSS and its rise during the run. Then our TopK step's achieved FLOP/s (necessary
+FLOPs, formula printed) as a share of this machine's dense matmul FLOP/s on the encoder's shapes,
+steps and matmuls timed alternating call by call in the same run; Mutual and Feature Choice
+(ours) relative to TopK; and a torch.profiler table of our bf16 TopK step (which ops take the time).
+
+    .venv/bin/python bench/bench_train.py                           # 300k tokens, smollm2-135m
+    .venv/bin/python bench/bench_train.py --model tiny-random --n-tokens 40000 --repeats 1   # smoke
+
+The first run collects the activations (the model forward, minutes); later runs read the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import torch
+
+from sae_repro.activations import ActivationSpec, collect
+from sae_repro.metrics import fvu
+from sae_repro.train import TrainConfig, _permutation, evaluate, train_sae, train_step
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE / 2**20
+
+
+class PeakRSS:
+    """Peak resident memory while the block runs (sampled every 10 ms in a thread), and its rise
+    over the RSS at the start; freed heap memory is handed back to the OS first (malloc_trim), so
+    a run does not reuse what an earlier one left and the rise is this run's own working memory."""
+
+    def __enter__(self) -> "PeakRSS":
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:
+            pass
+        self.start = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def stats(xs: list[float]) -> str:
+    return f"best {max(xs):8.0f}  median {statistics.median(xs):8.0f}"
+
+
+# ----------------------------------------------------------------------------- matmul peak
+
+
+def matmul_runners(B: int, d: int, n: int) -> dict[str, Callable[[], None]]:
+    """Dense [B, d] x [d, n] products, bf16 and fp32: `a @ b` (a fresh [B, n] output each call, as
+    in a training step) and `mm(out=)` into a reused buffer (the kernel alone, no page faults)."""
+    g = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(B, d, generator=g), torch.randn(d, n, generator=g)
+    out: dict[str, Callable[[], None]] = {}
+    for name, (a, b) in {"bf16": (a32.bfloat16(), b32.bfloat16()), "fp32": (a32, b32)}.items():
+        buf = torch.empty(B, n, dtype=a.dtype)
+        out[f"matmul {name}"] = lambda a=a, b=b: a @ b
+        out[f"matmul {name} out="] = lambda a=a, b=b, buf=buf: torch.mm(a, b, out=buf)
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], None]], rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns alternating call by call (so load changes hit all)."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t0)
+    return ts
+
+
+# ----------------------------------------------------------------------------- the two trainers
+
+
+def our_cfg(args, rule: str, bf16: bool) -> TrainConfig:
+    return TrainConfig(k=args.k, expansion=args.expansion, rule=rule, batch_size=args.batch_size,
+                       epochs=args.epochs, bf16=bf16, aux="auxk", seed=0, log_every=10**9)
+
+
+def run_ours(x: torch.Tensor, cfg: TrainConfig) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    sae, _ = train_sae(x, cfg, progress=False)
+    return sae, time.perf_counter() - t0
+
+
+def batches(x: torch.Tensor, B: int, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Our token order (`train._permutation` per epoch, last partial batch dropped), fp32 batches."""
+    n, step, perm = x.shape[0], 0, None
+    while True:
+        epoch, pos = divmod(step, n // B)
+        if pos == 0:
+            perm = _permutation(n, seed, epoch)
+        yield x[perm[pos * B:(pos + 1) * B]].float()
+        step += 1
+
+
+def run_sae_lens(x: torch.Tensor, args, cfg: TrainConfig, autocast: bool) -> tuple[Any, float]:
+    from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    n, d = x.shape
+    B = args.batch_size
+    total = max(1, int(cfg.epochs * (n // B)))
+    warmup = min(1000, total // 20)
+    decay = total - int(total * (1 - cfg.decay_fraction))
+    lr = cfg.resolved_lr(cfg.resolved_n_latents(d))
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=cfg.resolved_n_latents(d), k=args.k,
+                                                dtype="float32", device="cpu"))
+    tcfg = SAETrainerConfig(total_training_samples=total * B, train_batch_size_samples=B, lr=lr, lr_end=lr,
+                            lr_scheduler_name="constant", lr_warm_up_steps=warmup, lr_decay_steps=decay,
+                            adam_beta1=cfg.adam_betas[0], adam_beta2=cfg.adam_betas[1], device="cpu",
+                            autocast=autocast)
+    trainer = SAETrainer(tcfg, sae, batches(x, B))
+    t0 = time.perf_counter()
+    trainer.fit()
+    return sae, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def heldout_sae_lens(sae, x: torch.Tensor, B: int = 4096) -> dict[str, float]:
+    sae.eval()
+    x_hats, l0_sum = [], 0.0
+    for i in range(0, len(x), B):
+        xb = x[i:i + B].float()
+        acts = sae.encode(xb)
+        x_hats.append(sae.decode(acts))
+        l0_sum += float((acts != 0).sum())
+    return {"fvu": fvu(x.float(), torch.cat(x_hats)), "l0": l0_sum / len(x)}
+
+
+# ----------------------------------------------------------------------------- our step, closer
+
+
+def step_runner(x: torch.Tensor, cfg: TrainConfig) -> Callable[[], None]:
+    """A closure running one `train_step` of a fresh SAE on the next batch (no gather, no logging)."""
+    from sae_repro.sae import SparseAutoencoder
+
+    sae = SparseAutoencoder(cfg.sae_config(x.shape[1]), seed=0)
+    sae.init_b_dec(x[:16384].float())
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(sae.cfg.n_latents), fused=True)
+    dead = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)  # AuxK on, no latent dead (as in the runs)
+    B = cfg.batch_size
+    xb = [x[i * B:(i + 1) * B].float() for i in range(min(8, max(1, len(x) // B)))]
+    count = iter(range(10**9))
+
+    def step() -> None:
+        train_step(sae, opt, xb[next(count) % len(xb)], cfg, dead_mask=dead, validate=False)
+
+    return step
+
+
+def profile_step(x: torch.Tensor, cfg: TrainConfig, n_steps: int = 5, rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    step = step_runner(x, cfg)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(n_steps):
+            step()
+    return prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=56)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m | tiny-random (smoke run)")
+    ap.add_argument("--layer", type=int, default=None, help="residual stream layer (default 15; tiny: 1)")
+    ap.add_argument("--n-tokens", type=int, default=300_000, help="training tokens in the store")
+    ap.add_argument("--n-test-tokens", type=int, default=50_000, help="held-out tokens (split=test)")
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="training runs per variant (alternating)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--step-rounds", type=int, default=12, help="timed steps / matmuls per kind (alternating)")
+    ap.add_argument("--no-sae-lens", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    layer = args.layer if args.layer is not None else (1 if args.model == "tiny-random" else 15)
+    hook = f"blocks.{layer}.hook_resid_post"
+    spec = dict(model=args.model, hooks=(hook,), with_loss=False, dtype="bfloat16")
+    t0 = time.perf_counter()
+    train_store = collect(ActivationSpec(n_tokens=args.n_tokens, **spec))
+    test_store = collect(ActivationSpec(n_tokens=args.n_test_tokens, split="test", **spec))
+    x, x_test = train_store.load(hook), test_store.load(hook)
+    n, d = x.shape
+    B, k = args.batch_size, args.k
+    L = args.expansion * d
+    print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {args.threads}  "
+          f"cores {os.cpu_count()}  load average {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every number)")
+    print(f"data: {args.model} {hook}  train {n} tokens, held-out {len(x_test)} (split=test), d_in {d}, "
+          f"bf16 store  (collect/load {time.perf_counter() - t0:.0f} s)")
+    cfg_top = our_cfg(args, "topk", True)
+    steps = max(1, int(args.epochs * (n // B)))
+    print(f"SAE: TopK k={k}, n_latents={L}, batch {B}, {steps} steps = {steps * B} tokens, "
+          f"lr {cfg_top.resolved_lr(L):.3g}, Adam(0.9, 0.999), AuxK on\n")
+
+    # --- the training runs, variants alternating
+    variants: dict[str, Callable[[], tuple[Any, float]]] = {
+        "ours topk bf16": lambda: run_ours(x, cfg_top),
+        "ours topk fp32": lambda: run_ours(x, our_cfg(args, "topk", False)),
+        "ours mutual_choice bf16": lambda: run_ours(x, our_cfg(args, "mutual_choice", True)),
+        "ours feature_choice bf16": lambda: run_ours(x, our_cfg(args, "feature_choice", True)),
+    }
+    if not args.no_sae_lens:
+        variants["sae-lens topk fp32"] = lambda: run_sae_lens(x, args, cfg_top, autocast=False)
+        variants["sae-lens topk bf16-autocast"] = lambda: run_sae_lens(x, args, cfg_top, autocast=True)
+    tps: dict[str, list[float]] = {v: [] for v in variants}
+    quality: dict[str, dict[str, float]] = {}
+    mem: dict[str, tuple[float, float]] = {}
+    for r in range(args.repeats):
+        for name, fn in variants.items():
+            with PeakRSS() as pk:
+                sae, dt = fn()
+            tps[name].append(steps * B / dt)
+            rise = pk.peak - pk.start
+            if name not in mem or rise > mem[name][1]:
+                mem[name] = (pk.peak, rise)
+            if r == 0:
+                if name.startswith("ours"):
+                    ev = evaluate(sae, x_test)
+                    quality[name] = {"fvu": ev["fvu"], "l0": ev["l0"]}
+                else:
+                    quality[name] = heldout_sae_lens(sae, x_test)
+            print(f"  run {r + 1} {name:28s} {dt:7.1f} s  {steps * B / dt:8.0f} tok/s  "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            del sae
+
+    print(f"\n{'variant':28s} {'tokens/s':>30s}  {'held-out FVU':>12s} {'L0':>5s}  {'peak RSS (rise in run)':>22s}")
+    for name in variants:
+        q = quality[name]
+        print(f"{name:28s} {stats(tps[name]):>30s}  {q['fvu']:12.4f} {q['l0']:5.1f}  "
+              f"{mem[name][0]:7.0f} MB ({mem[name][1]:+5.0f} MB)")
+
+    best = {v: max(t) for v, t in tps.items()}
+    med = {v: statistics.median(t) for v, t in tps.items()}
+    if not args.no_sae_lens:
+        print()
+        for ours, theirs in (("ours topk bf16", "sae-lens topk bf16-autocast"), ("ours topk bf16", "sae-lens topk fp32"),
+                             ("ours topk fp32", "sae-lens topk fp32")):
+            print(f"tokens/s {ours} / {theirs}: best {best[ours] / best[theirs]:.2f}x, median "
+                  f"{med[ours] / med[theirs]:.2f}x;  held-out FVU {quality[ours]['fvu']:.4f} vs {quality[theirs]['fvu']:.4f}")
+    for rule in ("mutual_choice", "feature_choice"):
+        v = f"ours {rule} bf16"
+        print(f"{v} tokens/s relative to ours topk bf16: best {best[v] / best['ours topk bf16']:.2f}, "
+              f"median {med[v] / med['ours topk bf16']:.2f}")
+
+    # --- FLOP share of our step: steps and matmuls timed alternating, call by call
+    enc, dec = 2 * B * d * L, 2 * B * k * d
+    need = 2 * enc + 3 * dec
+    print(f"\nnecessary FLOPs per step = 2*B*d*n (encoder fwd) + 2*B*d*n (encoder bwd, grad W_enc; no grad wrt x) "
+          f"+ 3 * 2*B*k*d (sparse decoder: fwd, bwd grad vals, bwd grad W_dec)\n"
+          f"  = {2 * enc / 1e9:.2f} + {3 * dec / 1e9:.3f} = {need / 1e9:.2f} GFLOP  (B={B}, d={d}, n={L}, k={k}); "
+          f"our step does the encoder bwd sparsely (2*B*k*d), so it does only {(enc + 4 * dec) / 1e9:.2f} GFLOP "
+          f"of products")
+    fns = matmul_runners(B, d, L)
+    fns["step topk bf16"] = step_runner(x, cfg_top)
+    fns["step topk fp32"] = step_runner(x, our_cfg(args, "topk", False))
+    ts = interleaved(fns, args.step_rounds)
+    rate = {k: [(2 * B * d * L if k.startswith("matmul") else need) / t for t in v] for k, v in ts.items()}
+    for k, v in ts.items():
+        print(f"{k:22s} {min(v) * 1e3:7.1f} ms best {statistics.median(v) * 1e3:7.1f} ms median  "
+              f"= {max(rate[k]) / 1e9:5.0f} / {statistics.median(rate[k]) / 1e9:5.0f} GFLOP/s")
+    for prec in ("bf16", "fp32"):
+        st = rate[f"step topk {prec}"]
+        for ref in ("matmul bf16", "matmul bf16 out=", "matmul fp32"):
+            print(f"ours topk {prec} step: {max(st) / max(rate[ref]):6.1%} (best/best), "
+                  f"{statistics.median(st) / statistics.median(rate[ref]):6.1%} (median/median) of {ref}")
+        run_rate = best[f"ours topk {prec}"] / B * need  # whole runs: data gather, init and checks included
+        print(f"ours topk {prec} whole run (best):  {run_rate / 1e9:5.0f} GFLOP/s = "
+              f"{run_rate / max(rate['matmul bf16']):6.1%} of matmul bf16 (best)")
+
+    print("\nprofile of ours topk bf16, 5 train_steps, by self CPU time:")
+    print(profile_step(x, cfg_top))
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
