@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -30,9 +31,11 @@ from transformer_lens import HookedTransformer
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, sha256_file, write_json
 from sae_repro.corpus import Corpus, load_corpus, tokenize_contexts
 from sae_repro.models import DEFAULT_MODEL, TINY_MODEL, load_model, parse_hook
+from sae_repro.precision import resolve_bf16
 from sae_repro.registry import SMOLLM2_WHEEL
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the store keeps its contexts (contexts.safetensors)
+CONTEXTS_FILE = "contexts.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,7 +53,8 @@ class ActivationSpec:
     with_loss: bool = True
     with_grad: bool = False
     dtype: str = "bfloat16"  # storage dtype of activations and gradients
-    autocast_bf16: bool = False  # run the model's forward under bf16 autocast
+    autocast_bf16: bool | str = False  # the model's forward under bf16 autocast; "auto": where native
+    device: str = "cpu"  # where the model runs (the store is on disk either way)
     contexts_per_shard: int = 256
     batch_contexts: int = 16
     seed: int = 0
@@ -67,6 +71,9 @@ class ActivationSpec:
         if not self.hooks:
             raise ValueError("hooks=(): name at least one hook point")
         object.__setattr__(self, "hooks", tuple(self.hooks))
+        # the key holds the resolved bool: a bf16 and an fp32 store are different stores
+        object.__setattr__(self, "autocast_bf16",
+                           resolve_bf16(self.autocast_bf16, self.device, "autocast_bf16"))
 
     @property
     def kept_per_context(self) -> int:
@@ -108,12 +115,26 @@ class ActivationStore:
         limit = min(self.spec.n_tokens, max_tokens or self.spec.n_tokens)
         parts, n = [], 0
         for path in self.shards:
-            t = load_file(path)[name]
+            with safe_open(path, "pt") as f:  # reads only this tensor of the shard
+                t = f.get_tensor(name)
             parts.append(t if dtype is None else t.to(dtype))
             n += len(t)
             if n >= limit:
                 break
         return torch.cat(parts)[:limit]
+
+    def contexts(self) -> Tensor:
+        """The token contexts whose kept tokens are all in the store -> LongTensor [n, ctx_len].
+
+        Kept token t of the store sits at contexts[context[t], position[t]]; running the model on
+        these (e.g. to splice an SAE in, `splice.spliced_losses`) sees exactly the stored tokens.
+        A last context that the store's n_tokens cuts short is left out.
+        """
+        path = self.root / CONTEXTS_FILE
+        if self.manifest.get("contexts_sha256") != (sha256_file(path) if path.exists() else None):
+            raise ValueError(f"{path} is missing or does not match the store's manifest; "
+                             f"delete {self.root} to rebuild the store")
+        return load_file(path)["contexts"][: self.spec.n_tokens // self.spec.kept_per_context]
 
 
 def _shard_ok(path: Path) -> bool:
@@ -146,7 +167,7 @@ def _forward(model: HookedTransformer, tokens: Tensor, spec: ActivationSpec) -> 
     stop = None
     if not (spec.with_loss or spec.with_grad):  # nothing needs the later layers
         stop = max(parse_hook(model, h) for h in spec.hooks) + 1
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.autocast_bf16), \
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=spec.autocast_bf16), \
             torch.set_grad_enabled(spec.with_grad):
         out = model.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=stop,
                                    return_type="logits" if stop is None else None)
@@ -171,9 +192,9 @@ def _write_shard(model: HookedTransformer, ctx: Tensor, start: int, spec: Activa
     dtype = _DTYPES[spec.dtype]
     parts: dict[str, list[Tensor]] = {}
     for i in range(0, len(ctx), spec.batch_contexts):
-        batch = ctx[i: i + spec.batch_contexts]
+        batch = ctx[i: i + spec.batch_contexts].to(spec.device)
         for name, t in _forward(model, batch, spec).items():
-            parts.setdefault(name, []).append(t.flatten(0, 1))
+            parts.setdefault(name, []).append(t.flatten(0, 1).cpu())
     kept = spec.kept_per_context
     out = {k: torch.cat(v).to(dtype if k != "loss" else torch.float32) for k, v in parts.items()}
     out["tokens"] = ctx[:, spec.drop_first: spec.ctx_len - 1].flatten()
@@ -191,7 +212,7 @@ def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
     path = cache_dir() / "tokens" / f"{key}.safetensors"
     if path.exists():
         try:
-            return load_file(path)["contexts"]
+            return load_file(path)["contexts"][: self.spec.n_tokens // self.spec.kept_per_context]
         except Exception:  # a corrupt file is rebuilt below
             path.unlink()
     ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)
@@ -226,13 +247,17 @@ def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
-        if all(_shard_ok(root / s["file"]) for s in manifest["shards"]):
+        ctx_file = root / CONTEXTS_FILE
+        if all(_shard_ok(root / s["file"]) for s in manifest["shards"]) and ctx_file.exists() \
+                and manifest.get("contexts_sha256") == sha256_file(ctx_file):
             return ActivationStore(root, manifest)
-    model = model if model is not None else load_model(spec.model, seed=spec.seed)
+    model = model if model is not None else load_model(spec.model, seed=spec.seed, device=spec.device)
     for h in spec.hooks:
         parse_hook(model, h)  # clear error listing valid hooks before any work
     contexts = _contexts(spec, corpus, model.tokenizer)
     root.mkdir(parents=True, exist_ok=True)
+    with atomic_path(root / CONTEXTS_FILE) as tmp:
+        save_file({"contexts": contexts.contiguous()}, tmp)
     n_shards = math.ceil(len(contexts) / spec.contexts_per_shard)
     shards = []
     for i in tqdm(range(n_shards), desc=f"activations {spec.model} {spec.split}", disable=not progress):
@@ -247,6 +272,7 @@ def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
     manifest = {"spec": asdict(spec), "model": model_identity(spec.model, spec.seed),
                 "corpus_hash": corpus_hash, "d_model": model.cfg.d_model,
                 "positions": [spec.drop_first, spec.ctx_len - 1], "dtype": spec.dtype,
-                "tensors": tensors, "shards": shards, "format": FORMAT_VERSION}
+                "tensors": tensors, "shards": shards, "format": FORMAT_VERSION,
+                "contexts_sha256": sha256_file(root / CONTEXTS_FILE)}
     write_json(manifest_path, manifest)
     return ActivationStore(root, manifest)

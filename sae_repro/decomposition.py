@@ -232,6 +232,113 @@ def norm_prediction(
     return linear_error_fit(x, target, train_frac=train_frac, bias=True, seed=seed)
 
 
+@dataclass
+class ErrorSummary:
+    """The paper's headline numbers for one SAE on one set of tokens (all scored held-out).
+
+    fvu: FVU of Sae(x); nonlinear_fvu: FVU of Sae(x) + LinearError(x); linear_fvu: their
+    difference (the variance the linear map removes). vector_r2: per-dimension R^2 of the linear
+    prediction of SaeError, averaged over dimensions (the paper's "about half of the error
+    vector"); vector_r2_total: the pooled R^2 (= share of the error's variance predicted).
+    norm_r2: R^2 of ||SaeError||^2 regressed on [x, 1] (the paper's "more than 90% of the norm").
+    fit / test: the error fit and the held-out decomposition, for further analysis.
+    """
+
+    fvu: float
+    nonlinear_fvu: float
+    linear_fvu: float
+    vector_r2: float
+    vector_r2_total: float
+    norm_r2: float
+    n_fit: int
+    n_test: int
+    fit: LinearFit
+    test: Decomposition
+    test_idx: Tensor  # [n_test] indices into x of the held-out tokens
+
+    def row(self) -> dict[str, float]:
+        """The scalar fields, for a table."""
+        return {k: getattr(self, k) for k in ("fvu", "nonlinear_fvu", "linear_fvu", "vector_r2",
+                                              "vector_r2_total", "norm_r2", "n_fit", "n_test")}
+
+
+def error_summary(x: Tensor, x_hat: Tensor, *, train_frac: float = 0.5, seed: int = 0) -> ErrorSummary:
+    """Fit LinearError on a random `train_frac` of the tokens; report everything on the rest.
+
+    x, x_hat: [n, d] activations and the SAE's reconstructions of them (tokens the SAE was not
+    trained on). The same split serves the error fit and the norm prediction.
+    """
+    _check_pair("x", x, "x_hat", x_hat)
+    err = x - x_hat
+    fit = linear_error_fit(x, err, train_frac=train_frac, seed=seed)
+    te = fit.test_idx.to(x.device)
+    xt, xht = x[te], x_hat[te]
+    dec = decompose(xt, xht, fit)
+    norm_fit = linear_error_fit(x, err.double().pow(2).sum(1, keepdim=True), bias=True,
+                                train_idx=fit.train_idx)
+    fvu_sae, fvu_nl = fvu(xt, xht), fvu(xt, xht + dec.linear)
+    return ErrorSummary(fvu=fvu_sae, nonlinear_fvu=fvu_nl, linear_fvu=fvu_sae - fvu_nl,
+                        vector_r2=fit.r2_per_dim_test, vector_r2_total=fit.r2_total_test,
+                        norm_r2=norm_fit.r2_total_test, n_fit=fit.n_train, n_test=fit.n_test,
+                        fit=fit, test=dec, test_idx=fit.test_idx)
+
+
+def norm_baselines(target: Tensor, features: dict[str, Tensor], *, train_idx: Tensor,
+                   tokens: Tensor | None = None) -> dict[str, float]:
+    """Held-out R^2 of predicting a per-token scalar (the squared SAE-error norm) from baselines.
+
+    target: [n]. features: name -> [n] or [n, k] per-token regressors, each fitted by least
+    squares with an intercept on `train_idx` and scored on the other tokens (e.g. "loss": the
+    model's next-token loss, "L0", "activation norm"). tokens: [n] token ids for the "token
+    identity" baseline: each held-out token is predicted by the mean target of the training tokens
+    with the same id (the training mean for ids never seen). Pass the split of the norm fit it is
+    compared with (`ErrorSummary.fit.train_idx`) so that all scores share held-out tokens.
+    """
+    y = _as_column("target", target)
+    out: dict[str, float] = {}
+    for name, f in features.items():
+        out[name] = linear_error_fit(_as_column(name, f) if f.ndim == 1 else f, y, bias=True,
+                                     train_idx=train_idx).r2_total_test
+    if tokens is not None:
+        if tokens.shape != (y.shape[0],):
+            raise ValueError(f"tokens must be [n_tokens={y.shape[0]}] ids, got {tuple(tokens.shape)}")
+        tr, te = _split(y.shape[0], 0.5, 0, train_idx)
+        yd, ids = y[:, 0].double(), tokens.long().cpu()
+        n_ids = int(ids.max()) + 1
+        sums = torch.zeros(n_ids, dtype=torch.float64).index_add_(0, ids[tr], yd[tr])
+        counts = torch.zeros(n_ids, dtype=torch.float64).index_add_(0, ids[tr], torch.ones(len(tr), dtype=torch.float64))
+        means = torch.where(counts > 0, sums / counts.clamp_min(1), yd[tr].mean())
+        out["token identity"] = 1.0 - fvu(yd[te, None], means[ids[te], None])
+    return out
+
+
+def explain_nonlinear(x: Tensor, x_hat: Tensor, predictors: dict[str, Tensor], *,
+                      train_idx: Tensor) -> list[dict[str, float]]:
+    """How much of the nonlinear error do other signals predict linearly (the paper's "earlier
+    components": SAE reconstructions of the previous layer, the attention and the MLP output)?
+
+    x, x_hat: [n, d] activations and SAE reconstructions. LinearError is fitted from x on
+    `train_idx` as usual; then NonlinearError is regressed on each predictor [n, d_p] (with an
+    intercept) on the same tokens, and everything is scored on the other tokens. Returns one row
+    per predictor: r2 (share of the held-out nonlinear error's variance it predicts),
+    nonlinear_fvu (FVU of Sae + LinearError, the same for all rows) and nonlinear_fvu_after
+    (FVU of Sae + LinearError + the prediction).
+    """
+    _check_pair("x", x, "x_hat", x_hat)
+    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
+    nonlinear = (x - x_hat).double() - fit.predict(x.double())
+    te = fit.test_idx
+    base = x_hat[te].double() + fit.predict(x[te].double())
+    rows = []
+    for name, p in predictors.items():
+        _check_pair("x", x, name, p, same_width=False)
+        pf = linear_error_fit(p, nonlinear, bias=True, train_idx=fit.train_idx)
+        rows.append({"predictor": name, "r2": pf.r2_total_test,
+                     "nonlinear_fvu": fvu(x[te], base),
+                     "nonlinear_fvu_after": fvu(x[te], base + pf.predict(p[te].double()))})
+    return rows
+
+
 # ----------------------------------------------------------------------------- per-token scaling
 
 

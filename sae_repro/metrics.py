@@ -38,3 +38,21 @@ def dead_fraction(fire_counts: Tensor) -> float:
 def dense_fraction(density: Tensor, threshold: float = 0.1) -> float:
     """Share of latents firing on more than `threshold` of tokens.  density: [n_latents]."""
     return float((density > threshold).double().mean())
+
+
+def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> float:
+    """Share of the loss gap closed by the SAE: (L_zero - L_spliced) / (L_zero - L_clean).
+
+    1 = splicing the SAE in costs nothing; 0 = as bad as zero-ablating the activation. NaN if
+    zero ablation does not hurt (no gap to recover). Losses: mean next-token CE in nats.
+    """
+    gap = ce_zero - ce_clean
+    return float((ce_zero - ce_spliced) / gap) if gap != 0 else float("nan")
+
+
+def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
+    """KL(p || q) = sum_v p_v (log p_v - log q_v) per position, in nats.  [..., V] -> [...].
+
+    logp: the clean model's log-probabilities, logq: the spliced model's (both log_softmax).
+    """
+    return (logp.exp() * (logp - logq)).sum(-1)

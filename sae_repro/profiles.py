@@ -28,6 +28,8 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "layers": ((0, 1), (5, 15, 25), (5, 15, 25), (3, 6, 9)),
     # the layer whose residual stream (blocks.L.hook_resid_post) the SAE chapters study
     "sae_layer": (1, 15, 15, 6),
+    # bf16 matmuls where the hardware runs them natively (AMX, CUDA): sae_repro.precision
+    "bf16": ("auto", "auto", "auto", "auto"),
     # a pretrained SAE at that hook, by sae-lens release and id (hub only: `full`)
     "pretrained_sae_release": (None, None, None, "gpt2-small-resid-post-v5-32k"),
     "pretrained_sae_id": (None, None, None, "blocks.6.hook_resid_post"),
@@ -36,7 +38,7 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
     # gradients need a backward pass: ~60-150 tokens/s on 2 cores, so the CPU stores are small
     "zoo_n_train": (4_096, 20_000, 60_000, 2_000_000),
-    "zoo_n_test": (1_024, 4_096, 8_192, 100_000),
+    "zoo_n_test": (1_024, 4_096, 24_576, 100_000),  # also the cross-paper regressions' tokens
     "zoo_expansion": (4, 8, 8, 32),
     "zoo_k": (8, 32, 32, 32),
     # 60k tokens in batches of 4096 are only ~70 Adam steps (test FVU 0.43 at k=32); batches of
@@ -44,6 +46,36 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "zoo_batch_size": (512, 1024, 1024, 4096),
     "zoo_epochs": (2.0, 10.0, 10.0, 1.0),
     "zoo_beta": (1.0, 1.0, 1.0, 1.0),
+    # analysis stores (no gradients; sae_repro.experiments): Dark Matter and Mutual Choice chapters
+    "an_n_train": (4_096, 20_000, 150_000, 2_000_000),
+    "an_n_test": (2_048, 8_192, 40_000, 200_000),
+    # SAEs trained on the analysis store
+    "sae_batch_size": (256, 512, 1024, 4096),
+    "sae_epochs": (2.0, 2.0, 2.0, 1.0),
+    # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
+    "ce_n_contexts": (4, 16, 32, 128),
+    # Dark Matter: width sweep (expansion factors of d_model) at several k, at sae_layer
+    "dm_expansions": ((2, 4, 8), (2, 4, 8), (2, 4, 8, 16, 32), (4, 8, 16, 32, 64)),
+    "dm_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
+    "dm_k": (8, 32, 32, 32),  # the k of the width sweep; one of dm_ks
+    # the same headline numbers at every layer of `layers`, on fewer widths
+    "dm_layer_expansions": ((2, 8), (2, 8), (2, 8, 32), (4, 16, 64)),
+    # SAEs trained on the linear / nonlinear part of another SAE's error
+    "dm_error_ks": ((4, 8), (16, 32), (8, 16, 32, 64), (8, 16, 32, 64)),
+    # held-out tokens that gradient pursuit re-encodes (it is dense: O(steps * n * width * d))
+    "dm_pursuit_n_tokens": (512, 4_096, 16_000, 50_000),
+    # Mutual / Feature Choice chapter (analysis store)
+    "mc_expansion": (4, 8, 8, 32),
+    "mc_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
+    "mc_finetune_fraction": (0.25, 0.25, 0.25, 0.25),  # Feature Choice fine-tune: share of steps
+    # g-SAE chapter (gradient store, the zoo's training settings)
+    "gsae_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
+    "gsae_betas": ((0.5, 2.0), (0.5, 2.0), (0.25, 0.5, 1.0, 2.0, 4.0), (0.25, 0.5, 1.0, 2.0, 4.0)),
+    # steering: latents per SAE, unrelated contexts, their length, added norm / median token norm
+    "steer_n_latents": (4, 16, 32, 128),
+    "steer_n_contexts": (2, 8, 8, 32),
+    "steer_ctx_len": (16, 32, 32, 64),
+    "steer_scale": (1.0, 1.0, 1.0, 1.0),
     # synthetic check of the Dark Matter paper
     "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),
     "syn_d_model": (32, 64, 128, 256),
@@ -97,6 +129,24 @@ RULES: dict[str, Rule] = {
     "zoo_batch_size": Rule(min=1),
     "zoo_epochs": Rule(min=0.01),
     "zoo_beta": Rule(min=0.0),
+    "bf16": Rule(choices=(True, False, "auto")),
+    "sae_batch_size": Rule(min=1),
+    "sae_epochs": Rule(min=0.01),
+    "ce_n_contexts": Rule(min=1),
+    "dm_expansions": Rule(min=1),
+    "dm_ks": Rule(min=1),
+    "dm_k": Rule(min=1),
+    "dm_layer_expansions": Rule(min=1),
+    "dm_error_ks": Rule(min=1),
+    "mc_expansion": Rule(min=1),
+    "mc_ks": Rule(min=1),
+    "mc_finetune_fraction": Rule(min=0.01, max=1.0),
+    "gsae_ks": Rule(min=1),
+    "gsae_betas": Rule(min=0.0),
+    "steer_n_latents": Rule(min=1),
+    "steer_n_contexts": Rule(min=1),
+    "steer_ctx_len": Rule(min=2),
+    "steer_scale": Rule(min=0.0),
     "syn_d_model": Rule(min=1),
     "syn_n_features": Rule(min=1),
     "syn_avg_active": Rule(min=1),
@@ -149,10 +199,12 @@ def _type_ok(value: Any, default: Any) -> bool:
 def check_parameter(name: str, value: Any, default: Any) -> str | None:
     """None if `value` is allowed for parameter `name` (whose notebook default is `default`), else
     a message naming the parameter, the value and what is allowed."""
+    rule = rule_for(name)
+    if rule is not None and rule.choices is not None:  # the choices are the allowed values, any type
+        return None if rule.allows(value) else f"{name}={value!r}: must be {rule.describe()}"
     if not _type_ok(value, default):
         elem = f" of {_kind(default[0])}" if isinstance(default, list) and default else ""
         return f"{name}={value!r}: expected {_kind(default)}{elem} (like the default {default!r})"
-    rule = rule_for(name)
     if rule is not None and not rule.allows(value):
         return f"{name}={value!r}: must be {rule.describe()}"
     return None

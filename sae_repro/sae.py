@@ -356,7 +356,8 @@ class SparseAutoencoder(nn.Module):
         try:
             for i in range(min(max_batches, n // batch_size)):
                 self.ema.decay = i / (i + 1)  # EMA with this decay = running mean
-                self._rule_dense(self.pre_acts(x[i * batch_size:(i + 1) * batch_size].float()), None)
+                batch = x[i * batch_size:(i + 1) * batch_size].to(self.W_enc.device).float()
+                self._rule_dense(self.pre_acts(batch), None)
         finally:
             self.ema.decay = decay
             self.train(was_training)

@@ -64,10 +64,11 @@ from tqdm.auto import tqdm
 from sae_repro.cache import atomic_path
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
+from sae_repro.precision import resolve_bf16
 from sae_repro.sae import BUDGET_RULES, SAEConfig, SparseAutoencoder, SparseCodes
 
 CHECKPOINT_FILE = "checkpoint.pt"
-_IGNORED_ON_RESUME = ("checkpoint_every", "log_every")  # fields that do not change the result
+NEUTRAL_FIELDS = ("checkpoint_every", "log_every")  # TrainConfig fields that do not change the result
 
 
 @dataclass
@@ -96,7 +97,8 @@ class TrainConfig:
     inference: str = "threshold"
     threshold_decay: float = 0.99
     b_dec_init: str = "geometric_median"  # | "mean" | "zero"
-    bf16: bool = False  # bf16 autocast for the encoder matmul (AMX: ~3-4x faster than fp32)
+    bf16: bool | str = False  # bf16 autocast for the encoder matmul; "auto": where native (precision.py)
+    device: str = "cpu"  # where the SAE trains; the activations stay in CPU memory, batches move
     sparse: bool = True  # sparse decoder and backward (False: dense autograd reference)
     seed: int = 0
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -130,6 +132,7 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: b_dec_init={self.b_dec_init!r}; "
                              f"allowed: 'geometric_median', 'mean', 'zero'")
         self.adam_betas = tuple(self.adam_betas)
+        self.bf16 = resolve_bf16(self.bf16, self.device, "TrainConfig: bf16")  # the key holds the bool
 
     def resolved_n_latents(self, d_in: int) -> int:
         return self.n_latents if self.n_latents is not None else self.expansion * d_in
@@ -268,8 +271,8 @@ def _load_checkpoint(directory: Path, cfg: TrainConfig, fingerprint: list[float]
     if not path.exists():
         return None
     blob = torch.load(path, weights_only=True)
-    want = {k: v for k, v in asdict(cfg).items() if k not in _IGNORED_ON_RESUME}
-    have = {k: v for k, v in blob["cfg"].items() if k not in _IGNORED_ON_RESUME}
+    want = {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_FIELDS}
+    have = {k: v for k, v in blob["cfg"].items() if k not in NEUTRAL_FIELDS}
     have["adam_betas"] = tuple(have.get("adam_betas", ()))
     diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
     if diff:
@@ -394,7 +397,8 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
 
-    sae = _new_sae(x, cfg, hook, init)
+    dev = torch.device(cfg.device)
+    sae = _new_sae(x, cfg, hook, init).to(dev)
     L = sae.cfg.n_latents
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas,
                            eps=cfg.adam_eps, fused=True)
@@ -418,16 +422,16 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         if epoch != perm_epoch:
             perm, perm_epoch = _permutation(n, cfg.seed, epoch), epoch
         idx = perm[pos * B:(pos + 1) * B][rank * B // world:(rank + 1) * B // world]  # contiguous shard
-        batch = x[idx].float()
-        out = train_step(model, opt, batch, cfg, grad=grads[idx].float() if grads is not None else None,
-                         dead_mask=stats.dead_mask(cfg.dead_window_tokens),
-                         density=stats.density(cfg.dead_window_tokens, B) if cfg.aux == "zipf" else None,
+        batch = x[idx].to(dev).float()
+        density = stats.density(cfg.dead_window_tokens, B).to(dev) if cfg.aux == "zipf" else None
+        out = train_step(model, opt, batch, cfg, grad=grads[idx].to(dev).float() if grads is not None else None,
+                         dead_mask=stats.dead_mask(cfg.dead_window_tokens).to(dev), density=density,
                          validate=False)  # _resolve_data checked all of x and grads
         sched.step()
         fired = out["fired"]
         if world > 1:
             dist.all_reduce(fired)
-        stats.update(fired, B, cfg.dead_window_tokens)
+        stats.update(fired.cpu(), B, cfg.dead_window_tokens)
         step += 1
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
@@ -474,17 +478,17 @@ def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
     _check_data(x, "x")
     if grads is not None and grads.shape != x.shape:
         raise ValueError(f"grads must have x's shape {tuple(x.shape)}, got {tuple(grads.shape)}")
-    was_training = sae.training
+    was_training, dev = sae.training, sae.W_dec.device
     sae.eval()
     try:
         x_hats, counts, l0_sum = [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].float()
-            gb = grads[i:i + batch_size].float() if grads is not None else None
+            xb = x[i:i + batch_size].to(dev).float()
+            gb = grads[i:i + batch_size].to(dev).float() if grads is not None else None
             out = sae.forward_sparse(xb, gb)
             dense = out.codes.to_dense()
-            x_hats.append(out.x_hat)
-            counts += feature_density(dense) * len(xb)  # per-latent fire counts on this batch
+            x_hats.append(out.x_hat.cpu())
+            counts += feature_density(dense).cpu() * len(xb)  # per-latent fire counts on this batch
             l0_sum += l0(dense) * len(xb)
         x_hat = torch.cat(x_hats)
     finally:

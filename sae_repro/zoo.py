@@ -13,40 +13,59 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 
 import pandas as pd
+from torch import Tensor
 
 from sae_repro.activations import ActivationStore
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs
 from sae_repro.sae import SparseAutoencoder
-from sae_repro.train import TrainConfig, train_sae
+from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
 
 FORMAT_VERSION = 1
 
 
-def sae_key(store: ActivationStore, hook: str | None, cfg: TrainConfig, init_key: str | None = None) -> str:
-    return hash_inputs({"format": FORMAT_VERSION, "store": store.root.name, "hook": hook,
-                        "cfg": {k: v for k, v in asdict(cfg).items() if k not in ("log_every",
-                                                                                   "checkpoint_every")},
+def sae_key(data_id: str, hook: str | None, cfg: TrainConfig, init_key: str | None = None) -> str:
+    """The cache key of an SAE: its data (a store's name or a caller's key), hook, config, init."""
+    return hash_inputs({"format": FORMAT_VERSION, "store": data_id, "hook": hook,
+                        "cfg": {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_FIELDS},
                         "init": init_key})
 
 
-def trained_sae(store: ActivationStore, cfg: TrainConfig, *, hook: str | None = None,
+def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str | None = None,
+                data_key: str | None = None, grads: Tensor | None = None,
                 init: tuple[SparseAutoencoder, str] | None = None,
                 progress: bool = True) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
     """Train (or load from the cache) an SAE on `store[hook]` -> (sae, history, key).
 
+    data: an ActivationStore (with `hook` naming the tensor if it holds several), or a tensor
+    x [n, d] derived from one (e.g. the linear part of another SAE's error), then with
+    `data_key`: a string that pins its content, such as a hash of how it was made.
+    grads: loss gradients for a g-SAE trained on a tensor (a store supplies its own).
     init: (sae, its key) to fine-tune from, e.g. Feature Choice from a Mutual Choice SAE.
     """
-    key = sae_key(store, hook, cfg, init[1] if init else None)
+    if isinstance(data, Tensor):
+        if data_key is None:
+            raise ValueError("trained_sae: a tensor needs data_key, a string that pins its content")
+        data_id, x = f"tensor:{data_key}", data
+    else:
+        hook = hook if hook is not None else _only_hook(data)
+        data_id, x = data.root.name, None
+    key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
     if (root / "history.csv").exists():
-        return SparseAutoencoder.load(root), pd.read_csv(root / "history.csv"), key
+        return SparseAutoencoder.load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
     ckpt = cache_dir() / "checkpoints" / key
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
-    sae, history = train_sae(store, cfg, hook=hook, init=init[0] if init else None,
+    sae, history = train_sae(data, cfg, hook=hook, grads=grads, init=init[0] if init else None,
                              checkpoint_dir=ckpt, progress=progress)
-    sae.calibrate_threshold(store.load(hook), cfg.batch_size)
+    sae.calibrate_threshold(x if x is not None else data.load(hook), cfg.batch_size)
     with atomic_path(root) as tmp:
         sae.save(tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)
     return sae, pd.DataFrame(history), key
+
+
+def _only_hook(store: ActivationStore) -> str:
+    if len(store.spec.hooks) != 1:
+        raise ValueError(f"hook=None but the store has hooks {list(store.spec.hooks)}: name one")
+    return store.spec.hooks[0]

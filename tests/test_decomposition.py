@@ -237,3 +237,56 @@ def test_bad_inputs_raise_clear_errors():
         gradient_pursuit(x, torch.eye(5), torch.zeros(4), 1)
     with pytest.raises(ValueError, match="b_dec"):
         gradient_pursuit(x, W, torch.zeros(5), 1)
+
+
+# ----------------------------------------------------------------------------- summary, baselines
+
+
+def test_error_summary_known_answers():
+    """A purely linear error: vector and norm fully predictable, nothing nonlinear left."""
+    from sae_repro.decomposition import error_summary
+
+    x = _randn(6000, 12)
+    x_hat = x @ (torch.eye(12) - 0.3 * _randn(12, 12, seed=1) / 12**0.5)
+    s = error_summary(x, x_hat, seed=0)
+    assert s.vector_r2 > 0.999 and s.vector_r2_total > 0.999 and s.nonlinear_fvu < 1e-6
+    assert s.linear_fvu == pytest.approx(s.fvu, rel=1e-6) and s.n_fit == s.n_test == 3000
+    # the identity holds on the held-out tokens it reports
+    torch.testing.assert_close(s.test.sae_error, (s.test.linear + s.test.nonlinear).to(x.dtype))
+    # an independent error: nothing of the vector is predictable
+    noisy = error_summary(x, x - _randn(6000, 12, seed=2), seed=0)
+    assert abs(noisy.vector_r2) < 0.02 and noisy.nonlinear_fvu == pytest.approx(noisy.fvu, rel=0.02)
+
+
+def test_norm_baselines_known_answers():
+    from sae_repro.decomposition import norm_baselines
+
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    tokens = torch.randint(0, 20, (n,), generator=g)
+    per_token = torch.rand(20, generator=g) * 10
+    loss = torch.rand(n, generator=g)
+    target = per_token[tokens] + 0.01 * torch.randn(n, generator=g)
+    train = torch.arange(0, n, 2)
+    r2 = norm_baselines(target, {"loss": loss, "loss and its square": torch.stack([loss, loss**2], 1)},
+                        train_idx=train, tokens=tokens)
+    assert r2["token identity"] > 0.99  # the target is a function of the token
+    assert abs(r2["loss"]) < 0.01 and abs(r2["loss and its square"]) < 0.01
+    linear_in_loss = norm_baselines(3 * loss + 1, {"loss": loss}, train_idx=train)
+    assert linear_in_loss["loss"] == pytest.approx(1.0)
+
+
+def test_explain_nonlinear_finds_the_hidden_signal():
+    """The SAE misses a nonlinear function of x that another signal p carries: regressing the
+    nonlinear error on p explains it; on an unrelated signal it does not."""
+    from sae_repro.decomposition import explain_nonlinear
+
+    x = _randn(8000, 10)
+    p = torch.tanh(3 * x[:, :4]) * x[:, 4:8].sign()  # nonlinear in x, hence not in LinearError
+    x_hat = x.clone()
+    x_hat[:, :4] -= p  # the SAE error is exactly p on the first 4 dims
+    rows = {r["predictor"]: r for r in explain_nonlinear(
+        x, x_hat, {"p": p, "noise": _randn(8000, 4, seed=3)}, train_idx=torch.arange(4000))}
+    assert rows["p"]["r2"] > 0.99 and rows["p"]["nonlinear_fvu_after"] < 0.01 * rows["p"]["nonlinear_fvu"]
+    assert abs(rows["noise"]["r2"]) < 0.01
+    assert rows["noise"]["nonlinear_fvu_after"] == pytest.approx(rows["noise"]["nonlinear_fvu"], rel=0.01)
