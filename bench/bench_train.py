@@ -36,6 +36,7 @@ import torch
 
 from sae_repro.activations import ActivationSpec, collect
 from sae_repro.metrics import fvu
+from sae_repro.precision import native_bf16
 from sae_repro.train import TrainConfig, _permutation, evaluate, train_sae, train_step
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -80,13 +81,15 @@ def stats(xs: list[float]) -> str:
 # ----------------------------------------------------------------------------- matmul peak
 
 
-def matmul_runners(B: int, d: int, n: int) -> dict[str, Callable[[], None]]:
-    """Dense [B, d] x [d, n] products, bf16 and fp32: `a @ b` (a fresh [B, n] output each call, as
-    in a training step) and `mm(out=)` into a reused buffer (the kernel alone, no page faults)."""
+def matmul_runners(B: int, d: int, n: int, precisions: tuple[str, ...]) -> dict[str, Callable[[], None]]:
+    """Dense [B, d] x [d, n] products in each of `precisions` (bf16, fp32): `a @ b` (a fresh
+    [B, n] output each call, as in a training step) and `mm(out=)` into a reused buffer (the
+    kernel alone, no page faults)."""
     g = torch.Generator().manual_seed(0)
     a32, b32 = torch.randn(B, d, generator=g), torch.randn(d, n, generator=g)
     out: dict[str, Callable[[], None]] = {}
-    for name, (a, b) in {"bf16": (a32.bfloat16(), b32.bfloat16()), "fp32": (a32, b32)}.items():
+    pairs = {"bf16": (a32.bfloat16(), b32.bfloat16()), "fp32": (a32, b32)}
+    for name, (a, b) in ((p, pairs[p]) for p in precisions):
         buf = torch.empty(B, n, dtype=a.dtype)
         out[f"matmul {name}"] = lambda a=a, b=b: a @ b
         out[f"matmul {name} out="] = lambda a=a, b=b, buf=buf: torch.mm(a, b, out=buf)
@@ -237,21 +240,25 @@ def main() -> None:
           f"cores {os.cpu_count()}  load average {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every number)")
     print(f"data: {args.model} {hook}  train {n} tokens, held-out {len(x_test)} (split=test), d_in {d}, "
           f"bf16 store  (collect/load {time.perf_counter() - t0:.0f} s)")
-    cfg_top = our_cfg(args, "topk", True)
+    # bf16 only where the CPU has it natively (AMX / AVX512-BF16): emulated, it is ~100x slower
+    native = native_bf16()
+    precisions = ("bf16", "fp32") if native else ("fp32",)
+    fast = precisions[0]
+    print(f"bf16: {'native' if native else 'NOT native on this CPU (no AMX / AVX512-BF16): bf16 variants skipped'}")
+    cfg_top = our_cfg(args, "topk", fast == "bf16")
     steps = max(1, int(args.epochs * (n // B)))
     print(f"SAE: TopK k={k}, n_latents={L}, batch {B}, {steps} steps = {steps * B} tokens, "
           f"lr {cfg_top.resolved_lr(L):.3g}, Adam(0.9, 0.999), AuxK on\n")
 
     # --- the training runs, variants alternating
     variants: dict[str, Callable[[], tuple[Any, float]]] = {
-        "ours topk bf16": lambda: run_ours(x, cfg_top),
-        "ours topk fp32": lambda: run_ours(x, our_cfg(args, "topk", False)),
-        "ours mutual_choice bf16": lambda: run_ours(x, our_cfg(args, "mutual_choice", True)),
-        "ours feature_choice bf16": lambda: run_ours(x, our_cfg(args, "feature_choice", True)),
-    }
+        f"ours topk {p}": (lambda p=p: run_ours(x, our_cfg(args, "topk", p == "bf16"))) for p in precisions}
+    for rule in ("mutual_choice", "feature_choice"):
+        variants[f"ours {rule} {fast}"] = lambda rule=rule: run_ours(x, our_cfg(args, rule, fast == "bf16"))
     if not args.no_sae_lens:
         variants["sae-lens topk fp32"] = lambda: run_sae_lens(x, args, cfg_top, autocast=False)
-        variants["sae-lens topk bf16-autocast"] = lambda: run_sae_lens(x, args, cfg_top, autocast=True)
+        if native:
+            variants["sae-lens topk bf16-autocast"] = lambda: run_sae_lens(x, args, cfg_top, autocast=True)
     tps: dict[str, list[float]] = {v: [] for v in variants}
     quality: dict[str, dict[str, float]] = {}
     mem: dict[str, tuple[float, float]] = {}
@@ -283,14 +290,16 @@ def main() -> None:
     med = {v: statistics.median(t) for v, t in tps.items()}
     if not args.no_sae_lens:
         print()
-        for ours, theirs in (("ours topk bf16", "sae-lens topk bf16-autocast"), ("ours topk bf16", "sae-lens topk fp32"),
-                             ("ours topk fp32", "sae-lens topk fp32")):
+        pairs = [("ours topk fp32", "sae-lens topk fp32")]
+        if native:
+            pairs = [("ours topk bf16", "sae-lens topk bf16-autocast"), ("ours topk bf16", "sae-lens topk fp32")] + pairs
+        for ours, theirs in pairs:
             print(f"tokens/s {ours} / {theirs}: best {best[ours] / best[theirs]:.2f}x, median "
                   f"{med[ours] / med[theirs]:.2f}x;  held-out FVU {quality[ours]['fvu']:.4f} vs {quality[theirs]['fvu']:.4f}")
     for rule in ("mutual_choice", "feature_choice"):
-        v = f"ours {rule} bf16"
-        print(f"{v} tokens/s relative to ours topk bf16: best {best[v] / best['ours topk bf16']:.2f}, "
-              f"median {med[v] / med['ours topk bf16']:.2f}")
+        v, top = f"ours {rule} {fast}", f"ours topk {fast}"
+        print(f"{v} tokens/s relative to {top}: best {best[v] / best[top]:.2f}, "
+              f"median {med[v] / med[top]:.2f}")
 
     # --- FLOP share of our step: steps and matmuls timed alternating, call by call
     enc, dec = 2 * B * d * L, 2 * B * k * d
@@ -300,24 +309,24 @@ def main() -> None:
           f"  = {2 * enc / 1e9:.2f} + {3 * dec / 1e9:.3f} = {need / 1e9:.2f} GFLOP  (B={B}, d={d}, n={L}, k={k}); "
           f"our step does the encoder bwd sparsely (2*B*k*d), so it does only {(enc + 4 * dec) / 1e9:.2f} GFLOP "
           f"of products")
-    fns = matmul_runners(B, d, L)
-    fns["step topk bf16"] = step_runner(x, cfg_top)
-    fns["step topk fp32"] = step_runner(x, our_cfg(args, "topk", False))
+    fns = matmul_runners(B, d, L, precisions)
+    for p in precisions:
+        fns[f"step topk {p}"] = step_runner(x, our_cfg(args, "topk", p == "bf16"))
     ts = interleaved(fns, args.step_rounds)
     rate = {k: [(2 * B * d * L if k.startswith("matmul") else need) / t for t in v] for k, v in ts.items()}
     for k, v in ts.items():
         print(f"{k:22s} {min(v) * 1e3:7.1f} ms best {statistics.median(v) * 1e3:7.1f} ms median  "
               f"= {max(rate[k]) / 1e9:5.0f} / {statistics.median(rate[k]) / 1e9:5.0f} GFLOP/s")
-    for prec in ("bf16", "fp32"):
+    for prec in precisions:
         st = rate[f"step topk {prec}"]
-        for ref in ("matmul bf16", "matmul bf16 out=", "matmul fp32"):
+        for ref in [f"matmul {q}{o}" for q in precisions for o in ("", " out=")]:
             print(f"ours topk {prec} step: {max(st) / max(rate[ref]):6.1%} (best/best), "
                   f"{statistics.median(st) / statistics.median(rate[ref]):6.1%} (median/median) of {ref}")
         run_rate = best[f"ours topk {prec}"] / B * need  # whole runs: data gather, init and checks included
         print(f"ours topk {prec} whole run (best):  {run_rate / 1e9:5.0f} GFLOP/s = "
-              f"{run_rate / max(rate['matmul bf16']):6.1%} of matmul bf16 (best)")
+              f"{run_rate / max(rate[f'matmul {fast}']):6.1%} of matmul {fast} (best)")
 
-    print("\nprofile of ours topk bf16, 5 train_steps, by self CPU time:")
+    print(f"\nprofile of ours topk {fast}, 5 train_steps, by self CPU time:")
     print(profile_step(x, cfg_top))
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 

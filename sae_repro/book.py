@@ -27,7 +27,7 @@ from typing import Any
 import sae_repro
 from sae_repro import pipeline
 from sae_repro.cache import atomic_path, cache_dir
-from sae_repro.figures import figures_dir
+from sae_repro.figures import figures_dir, verdicts_of
 from sae_repro.profiles import PROFILE_NAMES, profile, rule_for
 
 MATHJAX_VERSION = "3.2.2"
@@ -159,6 +159,56 @@ def figures_list() -> str:
     return "\n".join(items) + "\n" if items else "No figures yet.\n"
 
 
+def executed_profile(notebook: str) -> str | None:
+    """The profile the executed copy of `notebook` in the book was run under (papermill records
+    its parameters in the notebook), or None if it has not been executed."""
+    path = pipeline.executed_dir() / f"{notebook}.ipynb"
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text()).get("metadata", {})
+    return meta.get("papermill", {}).get("parameters", {}).get("profile")
+
+
+def _md(text: Any) -> str:
+    """Text safe inside a Markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+_VERDICT_MARK = {"reproduced": "✅ reproduced", "partly": "🟡 partly", "not reproduced": "❌ not reproduced",
+                 "inconclusive": "⚪ inconclusive"}
+
+
+def verdicts_table(notebooks: list[str] | None = None) -> str:
+    """Markdown: each claim of the papers (from the notebooks' `record_verdict` calls, under the
+    profile their book copies ran with) with the paper's number, ours and the verdict."""
+    rows = []
+    names = notebooks or [p.stem for p in pipeline.notebook_paths()]
+    for nb in names:
+        prof = executed_profile(nb)
+        if prof is None:
+            continue
+        mine = sorted(((c, v) for c, v in verdicts_of(prof).items() if v["notebook"] == nb),
+                      key=lambda cv: (cv[1]["time"], cv[0]))  # the order the notebook found them
+        for claim_id, v in mine:
+            stale = " (stale)" if v.get("stale") else ""
+            rows.append(f"| {_md(v['claim'])} | {_md(v['paper'])} | {_md(v['ours'])} | "
+                        f"{_VERDICT_MARK[v['verdict']]}{stale} | {_md(v['why'])} | "
+                        f"{{doc}}`{nb} </chapters/{nb}>` ({prof}) |")
+    if not rows:
+        return "No verdicts recorded yet.\n"
+    return ("| claim | paper | ours | verdict | why | where (profile) |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+# The book's parts by paper: a landing page (book/PART.md) includes its part's verdicts.
+CHAPTER_PARTS = {
+    "dark_matter": ("dark_matter_synthetic", "dark_matter_scaling", "dark_matter_layers",
+                    "dark_matter_downstream", "dark_matter_reducing"),
+    "mutual_choice": ("mutual_choice",),
+    "gradient_sae": ("gradient_sae",),
+    "cross_paper": ("cross_paper",),
+}
+
 # Modules in the order of the flow; any others follow alphabetically.
 _FLOW = ("corpus", "registry", "models", "activations", "sparsity", "sae", "losses", "train",
          "metrics", "decomposition", "synthetic", "zipf", "steering", "cache", "figures",
@@ -180,7 +230,9 @@ def write_generated(book: Path) -> None:
     out = book / "_generated"
     out.mkdir(parents=True, exist_ok=True)
     pages = {"profiles.md": profiles_table(), "runs.md": runs_table(),
-             "figures.md": figures_list(), "api.md": api_page()}
+             "figures.md": figures_list(), "api.md": api_page(), "verdicts.md": verdicts_table()}
+    for part, notebooks in CHAPTER_PARTS.items():
+        pages[f"verdicts-{part}.md"] = verdicts_table(list(notebooks))
     for name, text in pages.items():
         (out / name).write_text(text)
 

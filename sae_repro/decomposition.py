@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from scipy.optimize import OptimizeWarning, curve_fit
 from torch import Tensor
 
 from sae_repro.metrics import fvu
+
+if TYPE_CHECKING:
+    from sae_repro.sae import SparseAutoencoder
 
 # ----------------------------------------------------------------------------- input checks
 
@@ -503,3 +506,122 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
         new = (codes + step_size[:, None] * g).clamp_min(0)
         codes = torch.where(live, new, codes)
     return codes
+
+
+# ----------------------------------------------------------------------------- downstream and pursuit
+
+
+def rows_outside_contexts(context: Tensor, n_contexts: int) -> Tensor:
+    """Store tokens a splice of `store.contexts()[:n_contexts]` does not see.
+
+    context: [n] the store's "context" tensor (token t sits in contexts()[context[t]]).
+    -> LongTensor [m] of the token indices with context >= n_contexts (fit a LinearError map
+    there and it is held out from the spliced tokens).
+    """
+    if not isinstance(context, Tensor) or context.ndim != 1:
+        raise ValueError(f"context must be a 1-D tensor [n_tokens], got {getattr(context, 'shape', context)}")
+    if n_contexts < 0:
+        raise ValueError(f"n_contexts must be >= 0, got {n_contexts}")
+    return (context.long().cpu() >= n_contexts).nonzero().flatten()
+
+
+def error_replacements(sae: SparseAutoencoder, fit: LinearFit) -> dict[str, Callable[[Tensor, Tensor], Tensor]]:
+    """The splices of the downstream test, as `splice.spliced_losses` replacements f(x [n, d], rows).
+
+    "Sae": x -> Sae(x) (the whole SaeError is missing downstream);
+    "Sae + LinearError": x -> Sae(x) + x W* (only NonlinearError is missing);
+    "Sae + NonlinearError": x -> x - x W* (only LinearError is missing).
+    fit: the LinearError map of this SAE (`linear_error_fit(x, x - Sae(x))`, no bias).
+    """
+    if fit.bias or fit.W.shape != (sae.cfg.d_in, sae.cfg.d_in):
+        raise ValueError(f"fit must be a LinearError map [d_in={sae.cfg.d_in}, d_in] without bias, got "
+                         f"W {tuple(fit.W.shape)}, bias={fit.bias}")
+
+    @torch.no_grad()
+    def sae_out(x: Tensor) -> Tensor:
+        sae.eval()
+        return sae(x.float().to(sae.W_dec.device))[0].to(x.device)
+
+    def lin(x: Tensor) -> Tensor:
+        return fit.predict(x.float())
+
+    return {"Sae": lambda x, rows: sae_out(x).to(x.dtype),
+            "Sae + LinearError": lambda x, rows: (sae_out(x) + lin(x)).to(x.dtype),
+            "Sae + NonlinearError": lambda x, rows: (x.float() - lin(x)).to(x.dtype)}
+
+
+def variance_shares(x: Tensor, x_hat: Tensor, fit: LinearFit) -> dict[str, float]:
+    """FVU of Sae(x), its nonlinear and linear parts, and each part's share of it.  x, x_hat: [n, d].
+
+    -> fvu, nonlinear_fvu (FVU of Sae + LinearError), linear_fvu (= fvu - nonlinear_fvu),
+    nonlinear_share = nonlinear_fvu / fvu, linear_share = linear_fvu / fvu.
+    """
+    _check_pair("x", x, "x_hat", x_hat)
+    f, nl = fvu(x, x_hat), nonlinear_fvu(x, x_hat, fit)
+    if not f > 0:
+        raise ValueError("the SAE reconstructs x exactly (FVU 0): the shares are undefined")
+    return {"fvu": f, "nonlinear_fvu": nl, "linear_fvu": f - nl,
+            "nonlinear_share": nl / f, "linear_share": (f - nl) / f}
+
+
+def pursuit_reconstruct(sae: SparseAutoencoder, x: Tensor, n_active: Tensor, *,
+                        max_elements: int = 2**24) -> tuple[Tensor, Tensor]:
+    """Re-encode x with `gradient_pursuit` on the SAE's own decoder, in token batches.
+
+    x: [n, d_in]; n_active: LongTensor [n] steps per token (the SAE's own L0, `train.reconstruct`).
+    Batches hold max(1, max_elements // n_latents) tokens, bounding the dense [batch, n_latents]
+    codes. -> (x_hat [n, d_in] float32 = codes @ W_dec + b_dec, l0 [n] long of the pursuit codes).
+    """
+    _check_2d("x", x)
+    n_active = torch.as_tensor(n_active)
+    if n_active.shape != (x.shape[0],):
+        raise ValueError(f"n_active must be [n_tokens={x.shape[0]}], got {tuple(n_active.shape)}")
+    if max_elements < 1:
+        raise ValueError(f"max_elements must be >= 1, got {max_elements}")
+    W, b = sae.W_dec.detach().float(), sae.b_dec.detach().float()
+    batch = max(1, max_elements // W.shape[0])
+    x_hats, l0s = [], []
+    for xb, kb in zip(x.split(batch), n_active.split(batch)):
+        codes = gradient_pursuit(xb.to(W.device).float(), W, b, kb.to(W.device))
+        x_hats.append((codes @ W + b).cpu())
+        l0s.append((codes > 0).sum(1).cpu())
+    return torch.cat(x_hats), torch.cat(l0s)
+
+
+# ----------------------------------------------------------------------------- figure helpers
+
+
+def norm_predictability(x: Tensor, parts: dict[str, Tensor], *, train_frac: float = 0.5,
+                        seed: int = 0) -> dict[str, float]:
+    """Held-out R^2 of regressing each part's squared norm on [x, 1] (`norm_prediction`).
+
+    x: [n, d]; parts: name -> [n, d_p] per-token vectors (e.g. x, Sae(x), SaeError, LinearError,
+    NonlinearError on held-out tokens). Every part uses the same seeded split of the n tokens.
+    """
+    _check_2d("x", x)
+    out = {}
+    for name, p in parts.items():
+        _check_pair("x", x, name, p, same_width=False)
+        out[name] = norm_prediction(x, p.double().pow(2).sum(1), train_frac=train_frac,
+                                    seed=seed).r2_total_test
+    return out
+
+
+def width_bands(fvus: ArrayLike, nonlinear_fvus: ArrayLike, c: float) -> dict[str, np.ndarray]:
+    """The three stacked bands of the width-scaling figure, per width (our reading of the paper).
+
+    fvus, nonlinear_fvus: [k] FVU of Sae(x) and of Sae(x) + LinearError(x) at k widths; c: the
+    floor of the power law FVU(W) = c + a W^m (`fit_power_law`). Returns [k] arrays:
+      "nonlinear error"    = nonlinear FVU(W)
+      "linear dark matter" = max(c - nonlinear FVU(W), 0)   (below the floor, linearly predictable)
+      "absent features"    = max(FVU(W) - max(c, nonlinear FVU(W)), 0)   (what widening removes)
+    Stacked in this order they reach max(FVU(W), c, nonlinear FVU(W)).
+    """
+    f = np.asarray(fvus, dtype=np.float64).ravel()
+    nl = np.asarray(nonlinear_fvus, dtype=np.float64).ravel()
+    if f.shape != nl.shape:
+        raise ValueError(f"fvus and nonlinear_fvus must have the same length, got {f.size} and {nl.size}")
+    if not (np.isfinite(f).all() and np.isfinite(nl).all() and math.isfinite(c)):
+        raise ValueError("fvus, nonlinear_fvus and c must be finite")
+    return {"nonlinear error": nl, "linear dark matter": np.maximum(c - nl, 0.0),
+            "absent features": np.maximum(f - np.maximum(c, nl), 0.0)}

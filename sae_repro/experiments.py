@@ -38,6 +38,7 @@ class Setting:
     seed: int = 0
     device: str = "cpu"
     bf16: bool | str = "auto"
+    dead_window_tokens: int = 1_000_000  # a latent silent this long is dead (AuxK trains it)
 
     def spec(self, **kw: Any) -> ActivationSpec:
         """An ActivationSpec of this setting (bf16 autocast of the model's forward as `bf16`)."""
@@ -46,8 +47,10 @@ class Setting:
                               autocast_bf16=self.bf16, **kw)
 
     def train_config(self, **kw: Any) -> TrainConfig:
-        """A TrainConfig with this setting's seed, device and bf16 (encoder matmul)."""
-        return TrainConfig(seed=self.seed, device=self.device, bf16=self.bf16, **kw)
+        """A TrainConfig with this setting's seed, device, bf16 (encoder matmul) and dead window
+        unless `kw` names them (e.g. another training seed on the same store)."""
+        return TrainConfig(**({"seed": self.seed, "device": self.device, "bf16": self.bf16,
+                               "dead_window_tokens": self.dead_window_tokens} | kw))
 
 
 def resid(layer: int) -> str:

@@ -266,8 +266,44 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
     return root / f"{fig_id}.png"
 
 
+# ---------------------------------------------------------------------------------------------
+# Verdicts: each of the papers' claims next to what we measured
+
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
+
+
+def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict: str, why: str,
+                   notebook: str, profile: str) -> str:
+    """Record a paper's claim, what the paper reported, what we measured and our verdict in
+    `verdicts.json` beside the profile's figures (the book tabulates them). Returns a one-line
+    summary to print. verdict: one of VERDICTS; why: the criterion and the reason, in words."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict={verdict!r}: expected one of {VERDICTS}")
+    if not claim_id.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"claim_id={claim_id!r}: use letters, digits, '-' and '_' only")
+    entry = {"notebook": notebook, "profile": profile, "claim": claim, "paper": paper,
+             "ours": ours, "verdict": verdict, "why": why, "stale": False,
+             "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+    def add(verdicts: dict) -> None:
+        owner = verdicts.get(claim_id, {}).get("notebook", notebook)
+        if owner != notebook:
+            raise ValueError(f"claim_id={claim_id!r} already belongs to notebook {owner!r}")
+        verdicts[claim_id] = entry
+
+    update_json(figures_dir(profile) / "verdicts.json", add)
+    return f"{claim}: paper {paper}; ours {ours} -> {verdict.upper()} ({why})"
+
+
+def verdicts_of(profile: str) -> dict[str, dict]:
+    """All recorded verdicts of a profile, by claim id."""
+    path = figures_dir(profile) / "verdicts.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def mark_stale(notebook: str, profile: str) -> list[str]:
-    """Flag the figures of `notebook` as stale (its last run failed); returns their ids."""
+    """Flag the figures and verdicts of `notebook` as stale (its last run failed); returns their ids."""
     marked: list[str] = []
 
     def flag(manifest: dict) -> None:
@@ -276,8 +312,9 @@ def mark_stale(notebook: str, profile: str) -> list[str]:
                 entry["stale"] = True
                 marked.append(fig_id)
 
-    if (figures_dir(profile) / "manifest.json").exists():
-        update_json(figures_dir(profile) / "manifest.json", flag)
+    for name in ("manifest.json", "verdicts.json"):
+        if (figures_dir(profile) / name).exists():
+            update_json(figures_dir(profile) / name, flag)
     return marked
 
 

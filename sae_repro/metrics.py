@@ -6,8 +6,16 @@ pitfall in other libraries): sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import numpy as np
 import torch
 from torch import Tensor
+
+from sae_repro.sparsity import feature_choice, mutual_choice
+
+if TYPE_CHECKING:
+    from sae_repro.sae import SparseAutoencoder
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
@@ -56,3 +64,83 @@ def kl_divergence(logp: Tensor, logq: Tensor) -> Tensor:
     logp: the clean model's log-probabilities, logq: the spliced model's (both log_softmax).
     """
     return (logp.exp() * (logp - logq)).sum(-1)
+
+
+INFERENCE_MODES = ("threshold", "batch")
+
+
+@torch.no_grad()
+def latents_per_token(sae: "SparseAutoencoder", x: Tensor, *, inference: str = "threshold",
+                      batch_size: int = 4096) -> Tensor:
+    """Number of active (non-zero) latents of each token.  x: [n, d_in] -> LongTensor [n'].
+
+    inference="threshold": the SAE's eval-mode output (Mutual / Feature Choice keep the entries
+    above their learned threshold; token-wise rules as always); n' = n.
+    inference="batch": the batch rule itself on consecutive batches of `batch_size` tokens of x
+    (Mutual Choice: top k*batch_size of the batch; Feature Choice: each latent's top-m tokens),
+    as in training; the last partial batch is dropped, so n' = (n // batch_size) * batch_size.
+    For a token-wise rule (topk, gradient_topk without gradients) both modes agree.
+    The SAE's threshold is not updated.
+    """
+    if inference not in INFERENCE_MODES:
+        raise ValueError(f"latents_per_token: inference={inference!r}; allowed: {INFERENCE_MODES}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"latents_per_token: batch_size must be a positive int, got {batch_size!r}")
+    if x.ndim != 2 or x.shape[1] != sae.cfg.d_in:
+        raise ValueError(f"latents_per_token: x must be [n, d_in={sae.cfg.d_in}], got {tuple(x.shape)}")
+    n = x.shape[0]
+    if inference == "batch":
+        if n < batch_size:
+            raise ValueError(f"latents_per_token: inference='batch' needs at least batch_size={batch_size} "
+                             f"tokens, got {n}")
+        n = n // batch_size * batch_size
+    was_training, dev = sae.training, sae.W_dec.device
+    sae.eval()
+    try:
+        counts = []
+        for i in range(0, n, batch_size):
+            xb = x[i:min(i + batch_size, n)].to(dev).float()
+            if inference == "batch" and sae.cfg.rule == "mutual_choice":
+                codes = mutual_choice(sae.pre_acts(xb), sae.cfg.k)
+            elif inference == "batch" and sae.cfg.rule == "feature_choice":
+                codes = feature_choice(sae.pre_acts(xb), sae.capacities(len(xb)))
+            else:
+                codes = sae.encode(xb)
+            counts.append((codes != 0).sum(-1).cpu())
+    finally:
+        sae.train(was_training)
+    return torch.cat(counts)
+
+
+def interp_log_l0(l0_ref: np.ndarray | list[float], y_ref: np.ndarray | list[float],
+                  l0: np.ndarray | list[float] | float, *, max_ratio: float = 1.0) -> np.ndarray:
+    """A reference curve y(L0) read at other L0s, linear in log L0.  -> float64 array like l0.
+
+    l0_ref, y_ref: [m] points of the reference curve (e.g. TopK SAEs at several k), any order,
+    L0 > 0; l0: the L0s to read it at. Inside [min l0_ref, max l0_ref] the curve is interpolated
+    linearly in log L0; up to a factor `max_ratio` beyond either end it is extrapolated along
+    the end segment; further out the result is NaN (max_ratio=1: no extrapolation).
+    """
+    ref_x = np.log(np.asarray(l0_ref, dtype=np.float64))
+    ref_y = np.asarray(y_ref, dtype=np.float64)
+    q = np.asarray(l0, dtype=np.float64)
+    if ref_x.ndim != 1 or ref_x.shape != ref_y.shape or ref_x.size < 2:
+        raise ValueError(f"interp_log_l0: l0_ref and y_ref must be 1-d of the same length >= 2, "
+                         f"got {np.shape(l0_ref)} and {np.shape(y_ref)}")
+    if not (np.isfinite(ref_x).all() and np.isfinite(ref_y).all()) or (q <= 0).any():
+        raise ValueError("interp_log_l0: l0_ref and l0 must be > 0 and y_ref finite")
+    if not max_ratio >= 1.0:
+        raise ValueError(f"interp_log_l0: max_ratio must be >= 1, got {max_ratio!r}")
+    order = np.argsort(ref_x)
+    ref_x, ref_y = ref_x[order], ref_y[order]
+    if np.unique(ref_x).size != ref_x.size:
+        raise ValueError(f"interp_log_l0: l0_ref has repeated values {np.asarray(l0_ref).tolist()}")
+    qx = np.log(q)
+    out = np.interp(qx, ref_x, ref_y)
+    lo, hi = qx < ref_x[0], qx > ref_x[-1]
+    slope_lo = (ref_y[1] - ref_y[0]) / (ref_x[1] - ref_x[0])
+    slope_hi = (ref_y[-1] - ref_y[-2]) / (ref_x[-1] - ref_x[-2])
+    out = np.where(lo, ref_y[0] + slope_lo * (qx - ref_x[0]), out)
+    out = np.where(hi, ref_y[-1] + slope_hi * (qx - ref_x[-1]), out)
+    too_far = (qx < ref_x[0] - np.log(max_ratio)) | (qx > ref_x[-1] + np.log(max_ratio))
+    return np.where(too_far, np.nan, out)

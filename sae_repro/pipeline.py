@@ -33,7 +33,7 @@ from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, update_json, write_json
 from sae_repro.figures import (REPO, SIDECAR_ENV, figures_dir, figures_of, git_commit,
                                git_dirty, mark_stale, path_hash)
-from sae_repro.profiles import check_parameter, parameters_for, rule_for
+from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for
 
 
 def notebooks_dir() -> Path:
@@ -159,6 +159,8 @@ def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[
         if name in defaults and (err := check_parameter(name, value, defaults[name])):
             origin = "override" if name in mine else f"profile {profile}"
             errors.append(f"{nb.stem}: {err} ({origin})")
+    if not errors:
+        errors = [f"{nb.stem}: {e}" for e in joint_errors(params)]
     return Job(nb, params, mine, _after(nb), source, git), errors
 
 

@@ -36,46 +36,53 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     # model and data chapter
     "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
-    # gradients need a backward pass: ~60-150 tokens/s on 2 cores, so the CPU stores are small
+    # gradients need a backward pass (~230 tokens/s on 2 AVX2 cores in fp32), so the CPU stores
+    # are small; the zoo, g-SAE and cross-paper chapters train 16 SAEs on them under `default`
     "zoo_n_train": (4_096, 20_000, 60_000, 2_000_000),
     "zoo_n_test": (1_024, 4_096, 24_576, 100_000),  # also the cross-paper regressions' tokens
-    "zoo_expansion": (4, 8, 8, 32),
-    "zoo_k": (8, 32, 32, 32),
     # 60k tokens in batches of 4096 are only ~70 Adam steps (test FVU 0.43 at k=32); batches of
-    # 1024 over 10 epochs gave 0.25 on the same data, 512 gave 0.22 (slower, mild overfitting)
+    # 1024 over 10 epochs gave 0.25 on the same data, 512 gave 0.22 (slower, mild overfitting);
+    # 6 epochs keeps the default profile near its time budget
     "zoo_batch_size": (512, 1024, 1024, 4096),
-    "zoo_epochs": (2.0, 10.0, 10.0, 1.0),
+    "zoo_epochs": (2.0, 4.0, 6.0, 1.0),
     "zoo_beta": (1.0, 1.0, 1.0, 1.0),
+    # the main SAE of every chapter: width = main_expansion * d_model, k = main_k
+    "main_expansion": (4, 8, 8, 32),
+    "main_k": (8, 32, 32, 32),
     # analysis stores (no gradients; sae_repro.experiments): Dark Matter and Mutual Choice chapters
     "an_n_train": (4_096, 20_000, 150_000, 2_000_000),
     "an_n_test": (2_048, 8_192, 40_000, 200_000),
+    # a latent that has not fired for this many training tokens is dead and AuxK trains it; it
+    # must be well below the tokens a run sees (OpenAI / sparsify use 10M of ~billions)
+    "sae_dead_window_tokens": (2_048, 10_000, 50_000, 1_000_000),
     # SAEs trained on the analysis store
     "sae_batch_size": (256, 512, 1024, 4096),
     "sae_epochs": (2.0, 2.0, 2.0, 1.0),
     # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
     "ce_n_contexts": (4, 16, 32, 128),
-    # Dark Matter: width sweep (expansion factors of d_model) at several k, at sae_layer
+    # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
+    # several k (main_k among them), at sae_layer
     "dm_expansions": ((2, 4, 8), (2, 4, 8), (2, 4, 8, 16, 32), (4, 8, 16, 32, 64)),
     "dm_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
-    "dm_k": (8, 32, 32, 32),  # the k of the width sweep; one of dm_ks
     # the same headline numbers at every layer of `layers`, on fewer widths
     "dm_layer_expansions": ((2, 8), (2, 8), (2, 8, 32), (4, 16, 64)),
     # SAEs trained on the linear / nonlinear part of another SAE's error
     "dm_error_ks": ((4, 8), (16, 32), (8, 16, 32, 64), (8, 16, 32, 64)),
     # held-out tokens that gradient pursuit re-encodes (it is dense: O(steps * n * width * d))
     "dm_pursuit_n_tokens": (512, 4_096, 16_000, 50_000),
-    # Mutual / Feature Choice chapter (analysis store)
-    "mc_expansion": (4, 8, 8, 32),
+    # Mutual / Feature Choice chapter (analysis store, main_expansion)
     "mc_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
     "mc_finetune_fraction": (0.25, 0.25, 0.25, 0.25),  # Feature Choice fine-tune: share of steps
     # g-SAE chapter (gradient store, the zoo's training settings)
     "gsae_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
-    "gsae_betas": ((0.5, 2.0), (0.5, 2.0), (0.25, 0.5, 1.0, 2.0, 4.0), (0.25, 0.5, 1.0, 2.0, 4.0)),
+    "gsae_betas": ((1.0, 2.0), (0.5, 1.0, 2.0), (0.25, 0.5, 1.0, 2.0, 4.0), (0.25, 0.5, 1.0, 2.0, 4.0)),
     # steering: latents per SAE, unrelated contexts, their length, added norm / median token norm
     "steer_n_latents": (4, 16, 32, 128),
     "steer_n_contexts": (2, 8, 8, 32),
     "steer_ctx_len": (16, 32, 32, 64),
     "steer_scale": (1.0, 1.0, 1.0, 1.0),
+    # cross-paper chapter: training seeds per SAE type (spread = training noise vs real effect)
+    "cross_seeds": (1, 1, 2, 2),
     # synthetic check of the Dark Matter paper
     "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),
     "syn_d_model": (32, 64, 128, 256),
@@ -124,21 +131,20 @@ RULES: dict[str, Rule] = {
     "sae_layer": Rule(min=0),
     "zoo_n_train": Rule(min=1),
     "zoo_n_test": Rule(min=1),
-    "zoo_expansion": Rule(min=1),
-    "zoo_k": Rule(min=1),
     "zoo_batch_size": Rule(min=1),
     "zoo_epochs": Rule(min=0.01),
     "zoo_beta": Rule(min=0.0),
     "bf16": Rule(choices=(True, False, "auto")),
     "sae_batch_size": Rule(min=1),
+    "sae_dead_window_tokens": Rule(min=1),
     "sae_epochs": Rule(min=0.01),
     "ce_n_contexts": Rule(min=1),
     "dm_expansions": Rule(min=1),
     "dm_ks": Rule(min=1),
-    "dm_k": Rule(min=1),
     "dm_layer_expansions": Rule(min=1),
     "dm_error_ks": Rule(min=1),
-    "mc_expansion": Rule(min=1),
+    "main_expansion": Rule(min=1),
+    "main_k": Rule(min=1),
     "mc_ks": Rule(min=1),
     "mc_finetune_fraction": Rule(min=0.01, max=1.0),
     "gsae_ks": Rule(min=1),
@@ -147,6 +153,7 @@ RULES: dict[str, Rule] = {
     "steer_n_contexts": Rule(min=1),
     "steer_ctx_len": Rule(min=2),
     "steer_scale": Rule(min=0.0),
+    "cross_seeds": Rule(min=1),
     "syn_d_model": Rule(min=1),
     "syn_n_features": Rule(min=1),
     "syn_avg_active": Rule(min=1),
@@ -194,6 +201,35 @@ def _type_ok(value: Any, default: Any) -> bool:
     if want == "list":
         return got == "list" and (not default or all(_type_ok(v, default[0]) for v in value))
     return got == want or (want == "float" and got == "int")
+
+
+# Cross-parameter rules: (parameters, test, what it means). A notebook is checked against the
+# rules whose parameters it all reads, so chapters that share SAEs ask for the same ones.
+_JOINT: list[tuple[tuple[str, ...], Any, str]] = [
+    (("main_expansion", "dm_expansions"), lambda e, es: e in es, "main_expansion must be one of dm_expansions"),
+    (("main_k", "dm_ks"), lambda k, ks: k in ks, "main_k must be one of dm_ks"),
+    (("main_k", "mc_ks"), lambda k, ks: k in ks, "main_k must be one of mc_ks"),
+    (("main_k", "gsae_ks"), lambda k, ks: k in ks, "main_k must be one of gsae_ks"),
+    (("zoo_beta", "gsae_betas"), lambda b, bs: b in bs, "zoo_beta must be one of gsae_betas"),
+    (("sae_layer",), lambda L: L >= 1, "sae_layer must be >= 1 (the previous layer is read too)"),
+    (("drop_first", "ctx_len"), lambda d, c: d <= c - 2, "drop_first must be <= ctx_len - 2"),
+]
+
+
+def joint_errors(params: dict[str, Any]) -> list[str]:
+    """Messages for the cross-parameter rules that `params` breaks (only rules whose parameters
+    are all in `params`)."""
+    errors = []
+    for names, ok, what in _JOINT:
+        if all(n in params for n in names):
+            values = [params[n] for n in names]
+            try:
+                good = ok(*values)
+            except TypeError:  # a type error is reported by check_parameter
+                continue
+            if not good:
+                errors.append(f"{what}; got " + ", ".join(f"{n}={v!r}" for n, v in zip(names, values)))
+    return errors
 
 
 def check_parameter(name: str, value: Any, default: Any) -> str | None:

@@ -246,6 +246,10 @@ class SparseCodes:
         dense = self.vals.new_zeros(self.n_tokens, self.n_latents)
         return dense.index_put((self.bag, self.idx), self.vals)
 
+    def active_per_token(self) -> Tensor:
+        """How many latents are active (non-zero) on each token.  -> LongTensor [n_tokens]."""
+        return torch.bincount(self.bag[self.vals.detach() != 0], minlength=self.n_tokens)
+
     def fire_counts(self) -> Tensor:
         """How many tokens each latent is active (> 0) on.  -> LongTensor [n_latents]."""
         return torch.bincount(self.idx[self.vals.detach() > 0], minlength=self.n_latents)

@@ -248,3 +248,20 @@ def compare_steering(
             rows.append({"group": name, "metric": metric, "n": len(v), "mean": v.mean(),
                          "median": v.median(), "sem": v.sem()})
     return pd.DataFrame(rows)
+
+
+def live_latents(density: Tensor, n: int, seed: int = 0) -> Tensor:
+    """n distinct latents drawn uniformly (seeded) among those that fire (density > 0), sorted.
+
+    density: [n_latents] firing frequencies (e.g. `train.evaluate(...)["density"]`) -> LongTensor [n].
+    Dead latents have no meaning to steer with, so a steering comparison draws from the live ones.
+    """
+    if not isinstance(density, Tensor) or density.ndim != 1 or not torch.isfinite(density.double()).all():
+        raise ValueError(f"live_latents: density must be a finite 1-D tensor [n_latents], got "
+                         f"{getattr(density, 'shape', type(density).__name__)}")
+    live = torch.nonzero(density > 0)[:, 0].cpu()
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(live):
+        raise ValueError(f"live_latents: n={n!r} must be an int in 1..{len(live)} (the number of "
+                         f"live latents of {len(density)})")
+    pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(seed))[:n]
+    return live[pick].sort().values

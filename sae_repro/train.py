@@ -52,7 +52,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -65,7 +65,7 @@ from sae_repro.cache import atomic_path
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
 from sae_repro.precision import resolve_bf16
-from sae_repro.sae import BUDGET_RULES, SAEConfig, SparseAutoencoder, SparseCodes
+from sae_repro.sae import BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder, SparseCodes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 NEUTRAL_FIELDS = ("checkpoint_every", "log_every")  # TrainConfig fields that do not change the result
@@ -467,34 +467,61 @@ def _log_row(step: int, B: int, opt: torch.optim.Optimizer, out: dict[str, Any],
 # ----------------------------------------------------------------------------- evaluation
 
 
+def _eval_batches(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None,
+                  batch_size: int) -> Iterator[tuple[Tensor, ForwardOutput]]:
+    """(x batch [b, d_in] on the SAE's device, its sparse forward) over x, in eval mode."""
+    _check_data(x, "x")
+    if grads is not None and grads.shape != x.shape:
+        raise ValueError(f"grads must have x's shape {tuple(x.shape)}, got {tuple(grads.shape)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    was_training, dev = sae.training, sae.W_dec.device
+    sae.eval()
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(dev).float()
+            gb = grads[i:i + batch_size].to(dev).float() if grads is not None else None
+            yield xb, sae.forward_sparse(xb, gb)
+    finally:
+        sae.train(was_training)
+
+
+@torch.no_grad()
+def reconstruct(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
+                batch_size: int = 4096) -> tuple[Tensor, Tensor]:
+    """Sae(x) in eval mode, in token batches (the SAE stays on its device, results on CPU).
+
+    x: [n, d_in] (grads: its loss gradients, for a g-SAE to select with) -> (x_hat [n, d_in]
+    float32, l0 [n] long: the latents active (non-zero) on each token). Batch rules use their
+    `cfg.inference` mode; with "batch" they select within each batch of `batch_size` tokens.
+    """
+    x_hats, l0s = [], []
+    for _, out in _eval_batches(sae, x, grads, batch_size):
+        x_hats.append(out.x_hat.float().cpu())
+        l0s.append(out.codes.active_per_token().cpu())
+    return torch.cat(x_hats), torch.cat(l0s)
+
+
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
              batch_size: int = 4096) -> dict[str, Any]:
     """Metrics of `sae` on x [n, d_in] in eval mode (batch rules use their learned threshold).
 
     -> dict(fvu, mse, l0, dead_fraction (never fired on these n tokens), dense_fraction,
-    n_tokens, density [n_latents]), all through `metrics`.
+    n_tokens, density [n_latents], x_hat [n, d_in] (float32, CPU), l0_per_token [n]), the
+    metrics all through `metrics`. Batches of `batch_size` tokens, as in `reconstruct`.
     """
-    _check_data(x, "x")
-    if grads is not None and grads.shape != x.shape:
-        raise ValueError(f"grads must have x's shape {tuple(x.shape)}, got {tuple(grads.shape)}")
-    was_training, dev = sae.training, sae.W_dec.device
-    sae.eval()
-    try:
-        x_hats, counts, l0_sum = [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(dev).float()
-            gb = grads[i:i + batch_size].to(dev).float() if grads is not None else None
-            out = sae.forward_sparse(xb, gb)
-            dense = out.codes.to_dense()
-            x_hats.append(out.x_hat.cpu())
-            counts += feature_density(dense).cpu() * len(xb)  # per-latent fire counts on this batch
-            l0_sum += l0(dense) * len(xb)
-        x_hat = torch.cat(x_hats)
-    finally:
-        sae.train(was_training)
+    x_hats, l0s, counts, l0_sum = [], [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
+    for xb, out in _eval_batches(sae, x, grads, batch_size):
+        dense = out.codes.to_dense()
+        x_hats.append(out.x_hat.float().cpu())
+        counts += feature_density(dense).cpu() * len(xb)  # per-latent fire counts on this batch
+        l0_sum += l0(dense) * len(xb)
+        l0s.append(out.codes.active_per_token().cpu())
+    x_hat = torch.cat(x_hats)
     n = x.shape[0]
     density = counts / n
     return {"fvu": fvu(x.float(), x_hat), "mse": float(mse(x.float(), x_hat, normalize=False)),
             "l0": l0_sum / n, "dead_fraction": dead_fraction(counts.round().long()),
-            "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density}
+            "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density,
+            "x_hat": x_hat, "l0_per_token": torch.cat(l0s)}

@@ -290,3 +290,37 @@ def test_explain_nonlinear_finds_the_hidden_signal():
     assert rows["p"]["r2"] > 0.99 and rows["p"]["nonlinear_fvu_after"] < 0.01 * rows["p"]["nonlinear_fvu"]
     assert abs(rows["noise"]["r2"]) < 0.01
     assert rows["noise"]["nonlinear_fvu_after"] == pytest.approx(rows["noise"]["nonlinear_fvu"], rel=0.01)
+
+
+# ----------------------------------------------------------------------------- chapter helpers (dark matter scaling)
+
+
+def test_norm_predictability_known_answers():
+    """A part whose squared norm is affine in x is fully predictable; an independent one is not."""
+    from sae_repro.decomposition import norm_predictability
+
+    x = torch.rand(4000, 6, generator=torch.Generator().manual_seed(0))
+    affine = torch.sqrt(5 + 2 * x[:, :1] - x[:, 1:2])  # ||.||^2 = 5 + 2 x0 - x1
+    r2 = norm_predictability(x, {"affine": affine, "noise": _randn(4000, 3, seed=1)}, seed=0)
+    assert r2["affine"] == pytest.approx(1.0, abs=1e-9)
+    assert abs(r2["noise"]) < 0.02
+    with pytest.raises(ValueError, match="bad"):
+        norm_predictability(x, {"bad": _randn(10, 3)})
+
+
+def test_width_bands_our_reading():
+    from sae_repro.decomposition import width_bands
+
+    f, nl, c = np.array([0.5, 0.3, 0.15]), np.array([0.10, 0.12, 0.11]), 0.2
+    b = width_bands(f, nl, c)
+    np.testing.assert_allclose(b["nonlinear error"], nl)
+    np.testing.assert_allclose(b["linear dark matter"], [0.10, 0.08, 0.09])
+    np.testing.assert_allclose(b["absent features"], [0.3, 0.1, 0.0])  # FVU below the floor: none
+    total = b["nonlinear error"] + b["linear dark matter"] + b["absent features"]
+    np.testing.assert_allclose(total, np.maximum.reduce([f, nl, np.full(3, c)]))
+    # a floor under the nonlinear FVU leaves no linear dark matter
+    assert (width_bands(f, nl, 0.0)["linear dark matter"] == 0).all()
+    with pytest.raises(ValueError, match="same length"):
+        width_bands([0.5, 0.3], [0.1], c)
+    with pytest.raises(ValueError, match="finite"):
+        width_bands([0.5, np.nan], [0.1, 0.1], c)

@@ -200,3 +200,15 @@ def test_citation_cff_is_valid_and_agrees_with_the_package():
     bib = (REPO / "book" / "references.bib").read_text()
     for arxiv in ("2410.14670", "2411.02124", "2411.10397"):
         assert arxiv in bib and arxiv in (REPO / "CITATION.cff").read_text()
+
+
+def test_parameters_that_must_agree_are_checked_together():
+    """Chapters share SAEs through main_k / main_expansion: an override that breaks the link
+    fails before any kernel, naming both parameters."""
+    from sae_repro.profiles import joint_errors
+
+    for p in PROFILE_NAMES:
+        assert joint_errors(profile(p)) == [], p
+    errs = joint_errors(profile("default") | {"main_k": 48})
+    assert any("main_k must be one of dm_ks" in e and "dm_ks=" in e for e in errs)
+    assert joint_errors({"main_k": 48}) == []  # only rules whose parameters are all present

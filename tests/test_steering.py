@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from sae_repro.models import load_model
-from sae_repro.steering import (compare_steering, random_directions, steering_effect,
-                                steering_per_position, top_promoted_token)
+from sae_repro.steering import (compare_steering, live_latents, random_directions,
+                                steering_effect, steering_per_position, top_promoted_token)
 
 LAST = "blocks.1.hook_resid_post"  # the tiny model's last residual stream, just before ln_final
 FIRST = "blocks.0.hook_resid_post"
@@ -110,3 +110,20 @@ def test_bad_inputs(model, tokens):
         steering_effect(model, FIRST, u, tokens, scale=float("nan"))
     with pytest.raises(ValueError, match="batch_size"):
         steering_effect(model, FIRST, u, tokens, scale=1.0, batch_size=0)
+
+
+def test_live_latents_draws_only_live_ones():
+    density = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.0])
+    assert live_latents(density, 3, seed=0).tolist() == [1, 3, 4]  # all live ones, sorted
+    big = torch.zeros(1000)
+    big[::7] = 0.01  # 143 live latents
+    a, b = live_latents(big, 20, seed=1), live_latents(big, 20, seed=1)
+    assert torch.equal(a, b) and a.dtype == torch.long and len(a.unique()) == 20
+    assert (a % 7 == 0).all() and torch.equal(a, a.sort().values)
+    assert not torch.equal(a, live_latents(big, 20, seed=2))
+    with pytest.raises(ValueError, match="n=4"):
+        live_latents(density, 4)
+    with pytest.raises(ValueError, match="n=0"):
+        live_latents(density, 0)
+    with pytest.raises(ValueError, match="density"):
+        live_latents(density[None], 1)
