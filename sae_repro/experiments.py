@@ -39,6 +39,7 @@ class Setting:
     device: str = "cpu"
     bf16: bool | str = "auto"
     dead_window_tokens: int = 1_000_000  # a latent silent this long is dead (AuxK trains it)
+    lr: float | None = None  # Adam's learning rate; None: TrainConfig's width rule
 
     def spec(self, **kw: Any) -> ActivationSpec:
         """An ActivationSpec of this setting (bf16 autocast of the model's forward as `bf16`)."""
@@ -47,10 +48,10 @@ class Setting:
                               autocast_bf16=self.bf16, **kw)
 
     def train_config(self, **kw: Any) -> TrainConfig:
-        """A TrainConfig with this setting's seed, device, bf16 (encoder matmul) and dead window
-        unless `kw` names them (e.g. another training seed on the same store)."""
+        """A TrainConfig with this setting's seed, device, bf16 (encoder matmul), dead window and
+        learning rate unless `kw` names them (e.g. another training seed on the same store)."""
         return TrainConfig(**({"seed": self.seed, "device": self.device, "bf16": self.bf16,
-                               "dead_window_tokens": self.dead_window_tokens} | kw))
+                               "dead_window_tokens": self.dead_window_tokens, "lr": self.lr} | kw))
 
 
 def resid(layer: int) -> str:
