@@ -122,6 +122,7 @@ def runs_table() -> str:
     """Markdown: measured run time of each notebook under each profile, from the run records."""
     rows, machines = [], {}
     for p in PROFILE_NAMES:
+        total = 0.0
         for name, info in sorted(_runs(p).items()):
             if "seconds" not in info:
                 rows.append(f"| `{name}` | {p} | failed | {_when(info.get('failed_at', ''))} | — | — |")
@@ -135,6 +136,9 @@ def runs_table() -> str:
             rows.append(f"| `{name}` | {p} | {info['seconds']:.0f} s{status} | "
                         f"{_when(info.get('started', ''))} | {'—' if load is None else load} | "
                         f"{machines[machine]} |")
+            total += info["seconds"]
+        if total:
+            rows.append(f"| **all notebooks** | {p} | **{total / 60:.1f} min** | | | |")
     if not rows:
         return "No notebook has been run yet.\n"
     head = ("| notebook | profile | wall time | started (UTC) | load | machine |\n"
@@ -234,7 +238,13 @@ def write_generated(book: Path) -> None:
     for part, notebooks in CHAPTER_PARTS.items():
         pages[f"verdicts-{part}.md"] = verdicts_table(list(notebooks))
     for name, text in pages.items():
-        (out / name).write_text(text)
+        _write_if_changed(out / name, text.encode())
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Leave an identical file alone: Sphinx rebuilds only pages whose sources changed."""
+    if not (path.exists() and path.read_bytes() == data):
+        path.write_bytes(data)
 
 
 def _copy_figures(static: Path) -> None:
@@ -246,7 +256,7 @@ def _copy_figures(static: Path) -> None:
             dest.mkdir(parents=True, exist_ok=True)
             for f in entry["files"]:
                 if (figures_dir(p) / f).exists():
-                    shutil.copyfile(figures_dir(p) / f, dest / f)
+                    _write_if_changed(dest / f, (figures_dir(p) / f).read_bytes())
 
 
 # ---------------------------------------------------------------------------------------------

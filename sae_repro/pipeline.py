@@ -168,12 +168,18 @@ def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[
 # Deciding whether to run
 
 
+# Modules that drive the pipeline and the book but that no notebook computes with: editing them
+# reruns nothing (a profile's values reach a notebook as its parameters, which are keyed).
+_NOT_COMPUTING = ("__main__.py", "book.py", "cli.py", "pipeline.py", "profiles.py")
+
+
 def source_hash() -> str:
-    """Hash of the package's source: any change to sae_repro/ reruns every notebook."""
+    """Hash of the package's source that notebooks compute with: a change reruns every notebook."""
     h = hashlib.sha256()
     pkg = REPO / "sae_repro"
     for p in sorted(pkg.rglob("*.py")):
-        h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes())
+        if p.name not in _NOT_COMPUTING:
+            h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
 
 

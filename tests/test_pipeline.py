@@ -212,3 +212,17 @@ def test_parameters_that_must_agree_are_checked_together():
     errs = joint_errors(profile("default") | {"main_k": 48})
     assert any("main_k must be one of dm_ks" in e and "dm_ks=" in e for e in errs)
     assert joint_errors({"main_k": 48}) == []  # only rules whose parameters are all present
+
+
+def test_source_hash_ignores_modules_no_notebook_computes_with(tmp_path, monkeypatch):
+    pkg = tmp_path / "sae_repro"
+    pkg.mkdir()
+    for name in ("sae.py", "book.py", "profiles.py"):
+        (pkg / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(pipeline, "REPO", tmp_path)
+    before = pipeline.source_hash()
+    (pkg / "book.py").write_text("# the book's layout changed\n")
+    (pkg / "profiles.py").write_text("# a rule's message changed\n")
+    assert pipeline.source_hash() == before  # no notebook reruns for these
+    (pkg / "sae.py").write_text("# the SAE changed\n")
+    assert pipeline.source_hash() != before
