@@ -30,9 +30,11 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "sae_layer": (1, 15, 15, 6),
     # bf16 matmuls where the hardware runs them natively (AMX, CUDA): sae_repro.precision
     "bf16": ("auto", "auto", "auto", "auto"),
-    # a pretrained SAE at that hook, by sae-lens release and id (hub only: `full`)
-    "pretrained_sae_release": (None, None, None, "gpt2-small-resid-post-v5-32k"),
-    "pretrained_sae_id": (None, None, None, "blocks.6.hook_resid_post"),
+    # SAEs trained elsewhere at that hook, analysed beside ours by the Dark Matter chapter:
+    # "release:sae_id" from SAELens's registry (hub: `full` only) or a SAELens folder
+    "pretrained_saes": ([], [], [], ["gpt2-small-res-jb:blocks.7.hook_resid_pre",
+                                     "gpt2-small-resid-post-v5-32k:blocks.6.hook_resid_post",
+                                     "gpt2-small-resid-post-v5-128k:blocks.6.hook_resid_post"]),
     # model and data chapter
     "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
@@ -186,7 +188,7 @@ def profile(name: str) -> dict[str, Any]:
     if name not in PROFILE_NAMES:
         raise ValueError(f"unknown profile={name!r}: expected one of {PROFILE_NAMES}")
     i = PROFILE_NAMES.index(name)
-    return {k: (list(v[i]) if isinstance(v[i], tuple) else v[i]) for k, v in _TABLE.items()}
+    return {k: (list(v[i]) if isinstance(v[i], (tuple, list)) else v[i]) for k, v in _TABLE.items()}
 
 
 def parameters_for(name: str, wanted: list[str]) -> dict[str, Any]:

@@ -705,3 +705,21 @@ class SparseAutoencoder(nn.Module):
 
         with tempfile.TemporaryDirectory() as tmp:
             return SAE.load_from_disk(self.save(Path(tmp) / "sae"))
+
+
+def load_pretrained(spec: str, device: str = "cpu") -> SparseAutoencoder:
+    """An SAE trained elsewhere, in eval mode: a folder in the SAELens format, or
+    "release:sae_id" from SAELens's registry of pretrained SAEs (which downloads from the model
+    hub: for users online), e.g. "gpt2-small-res-jb:blocks.7.hook_resid_pre". Architectures and
+    input normalisations we do not support raise a ValueError naming them."""
+    path = Path(spec)
+    if path.is_dir():
+        return SparseAutoencoder.load(path).to(device)
+    if ":" not in spec:
+        raise ValueError(f"pretrained SAE {spec!r}: expected a folder in the SAELens format or "
+                         f"'release:sae_id' such as 'gpt2-small-res-jb:blocks.7.hook_resid_pre'")
+    from sae_lens import SAE  # lazy: importing sae_lens costs ~10 s
+
+    release, sae_id = spec.split(":", 1)
+    return SparseAutoencoder.from_sae_lens(SAE.from_pretrained(release, sae_id, device="cpu")).to(device)
+

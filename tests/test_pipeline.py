@@ -174,9 +174,13 @@ def test_profiles_are_one_table_and_valid_for_every_notebook():
 def test_full_profile_names_gpt2_and_its_pretrained_saes():
     full = profile("full")
     assert (full["model"], full["device"], full["sae_layer"]) == ("gpt2", "cuda", 6)
-    assert full["pretrained_sae_id"] == "blocks.6.hook_resid_post"
-    releases = (Path(__import__("sae_lens").__file__).parent / "pretrained_saes.yaml").read_text()
-    assert f"\n{full['pretrained_sae_release']}:\n" in releases
+    registry = yaml.safe_load((Path(__import__("sae_lens").__file__).parent / "pretrained_saes.yaml").read_text())
+    for spec in full["pretrained_saes"]:  # each names a release and an SAE that SAELens knows
+        release, sae_id = spec.split(":", 1)
+        assert release in registry, release
+        ids = [s["id"] for s in registry[release]["saes"]]
+        assert sae_id in ids, (release, sae_id)
+        assert sae_id.startswith(("blocks.6.hook_resid_post", "blocks.7.hook_resid_pre"))  # = sae_layer 6's output
 
 
 def test_figure_citation_block():

@@ -359,3 +359,15 @@ def test_calibrated_threshold_keeps_the_training_budget():
         sae.eval()
         codes = sae.encode(x)
         assert 0.8 * 4 <= l0(codes) <= 1.25 * 4, (rule, l0(codes))
+
+
+def test_load_pretrained_reads_a_saelens_folder_and_names_bad_specs(tmp_path):
+    from sae_repro.sae import load_pretrained
+
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=16, rule="topk", k=3), seed=1)
+    sae.save(tmp_path / "mine")
+    again = load_pretrained(str(tmp_path / "mine"))
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(again(x)[0], sae.eval()(x)[0])
+    with pytest.raises(ValueError, match="release:sae_id"):
+        load_pretrained("no-such-folder-or-release")
