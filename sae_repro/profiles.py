@@ -2,8 +2,9 @@
 
 A notebook's `parameters` cell names the parameters it reads, with the `default` profile's values;
 the pipeline injects the chosen profile's values for those names. `ci` runs every notebook end to
-end on the tiny random model in seconds; `quick` and `default` run on the embedded SmolLM2-135M
-on a 2-core CPU; `full` is for a GPU and hub models (GPT-2 small with its pretrained SAEs).
+end on the tiny random model in seconds; `quick` (a preview: ~9 minutes cold on 2 AVX2 cores, small
+stores, fewer variants) and `default` (the committed figures) run on the embedded SmolLM2-135M on a
+2-core CPU; `full` is for a GPU and hub models (GPT-2 small with its pretrained SAEs).
 
 Every value, from the table or from a `-p NAME VALUE` override, is checked before a kernel starts:
 its type against the notebook's default (`check_parameter`) and its range against `RULES`.
@@ -36,11 +37,11 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
                                      "gpt2-small-resid-post-v5-32k:blocks.6.hook_resid_post",
                                      "gpt2-small-resid-post-v5-128k:blocks.6.hook_resid_post"]),
     # model and data chapter
-    "mad_n_tokens": (2_000, 10_000, 25_000, 100_000),
+    "mad_n_tokens": (2_000, 5_000, 25_000, 100_000),
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
     # gradients need a backward pass (~230 tokens/s on 2 AVX2 cores in fp32), so the CPU stores
     # are small; the zoo, g-SAE and cross-paper chapters train 16 SAEs on them under `default`
-    "zoo_n_train": (4_096, 20_000, 60_000, 2_000_000),
+    "zoo_n_train": (4_096, 10_000, 60_000, 2_000_000),
     "zoo_n_test": (1_024, 4_096, 24_576, 100_000),  # also the cross-paper regressions' tokens
     # 60k tokens in batches of 4096 are only ~70 Adam steps (test FVU 0.43 at k=32); batches of
     # 1024 over 10 epochs gave 0.25 on the same data, 512 gave 0.22 (slower, mild overfitting);
@@ -58,7 +59,7 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "main_expansion": (4, 8, 8, 32),
     "main_k": (8, 32, 32, 32),
     # analysis stores (no gradients; sae_repro.experiments): Dark Matter and Mutual Choice chapters
-    "an_n_train": (4_096, 20_000, 150_000, 2_000_000),
+    "an_n_train": (4_096, 12_000, 150_000, 2_000_000),
     "an_n_test": (2_048, 8_192, 40_000, 200_000),
     # a latent that has not fired for this many training tokens is dead and AuxK trains it; it
     # must be well below the tokens a run sees (OpenAI / sparsify use 10M of ~billions)
@@ -73,7 +74,7 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     "sae_batch_size": (256, 512, 1024, 4096),
     "sae_epochs": (2.0, 2.0, 2.0, 1.0),
     # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
-    "ce_n_contexts": (4, 16, 32, 128),
+    "ce_n_contexts": (4, 8, 32, 128),
     # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
     # several k (main_k among them), at sae_layer
     "dm_expansions": ((2, 4, 8), (2, 4, 8), (2, 4, 8, 16, 32), (4, 8, 16, 32, 64)),
@@ -83,17 +84,17 @@ _TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
     # SAEs trained on the linear / nonlinear part of another SAE's error
     "dm_error_ks": ((4, 8), (16, 32), (8, 16, 32, 64), (8, 16, 32, 64)),
     # held-out tokens that gradient pursuit re-encodes (it is dense: O(steps * n * width * d))
-    "dm_pursuit_n_tokens": (512, 4_096, 16_000, 50_000),
+    "dm_pursuit_n_tokens": (512, 2_048, 16_000, 50_000),
     # Mutual / Feature Choice chapter (analysis store, main_expansion)
     "mc_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
     "mc_finetune_fraction": (0.25, 0.25, 0.25, 0.25),  # Feature Choice fine-tune: share of steps
     # g-SAE chapter (gradient store, the zoo's training settings)
     "gsae_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
-    "gsae_betas": ((3.0, 30.0), (1.0, 3.0, 30.0), (1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
+    "gsae_betas": ((3.0, 30.0), (3.0, 30.0), (1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
                    (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)),
     # steering: latents per SAE, unrelated contexts, their length, added norm / median token norm
-    "steer_n_latents": (4, 16, 32, 128),
-    "steer_n_contexts": (2, 8, 8, 32),
+    "steer_n_latents": (4, 8, 32, 128),
+    "steer_n_contexts": (2, 4, 8, 32),
     "steer_ctx_len": (16, 32, 32, 64),
     # added norm / median token norm: at 1.0 every direction, random ones included, moved the
     # output by the same ~3.5 nats (saturated); a quarter stays where directions differ
