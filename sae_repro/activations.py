@@ -212,7 +212,7 @@ def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
     path = cache_dir() / "tokens" / f"{key}.safetensors"
     if path.exists():
         try:
-            return load_file(path)["contexts"][: self.spec.n_tokens // self.spec.kept_per_context]
+            return load_file(path)["contexts"]
         except Exception:  # a corrupt file is rebuilt below
             path.unlink()
     ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)

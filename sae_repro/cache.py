@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 
 def cache_dir() -> Path:
     """Root of all caches: $SAE_REPRO_CACHE, else `.cache/` at the repository root."""
@@ -30,6 +32,13 @@ def hash_inputs(obj: Any, n: int = 16) -> str:
     """Stable short hash of a JSON-serialisable description of inputs."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def tensor_digest(x: torch.Tensor, n: int = 16) -> str:
+    """Short sha256 of a tensor's dtype, shape and bytes: a content address (~1 s per GB)."""
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()[:n]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -204,6 +204,26 @@ class _GatherPre(torch.autograd.Function):
         return None, g_x, g_W, g_b if need[3] else None, g_bd, None, None, None, None, None
 
 
+class _TakeCols(torch.autograd.Function):
+    """W[:, cols] whose backward scatters into a gradient laid out like W.
+
+    Plain indexing's backward builds a row-major zero tensor; for W_enc (stored transposed, see
+    SparseAutoencoder.__init__) that forces a transposed add and a transposed copy of the full
+    [d, L] gradient (~70 ms a step at 18k latents) for the few dead latents AuxK trains.
+    """
+
+    @staticmethod
+    def forward(ctx, W: Tensor, cols: Tensor) -> Tensor:
+        ctx.save_for_backward(cols)
+        ctx.like = W
+        return W[:, cols]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (cols,) = ctx.saved_tensors
+        return torch.zeros_like(ctx.like).index_copy_(1, cols, g.to(ctx.like.dtype)), None
+
+
 def _flat_topk_indices(flat: Tensor, M: int) -> Tensor:
     """Indices of the M largest entries of a 1-D tensor (the set `flat.topk(M)` keeps, up to ties).
 
@@ -312,6 +332,8 @@ class SparseAutoencoder(nn.Module):
         W_dec = torch.randn(L, d, generator=g)
         W_dec /= W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
+        # clone keeps the transpose's strides: W_enc [d, L] is stored latent-major, like W_dec,
+        # which is the layout the sparse backward (_segment_sum) writes its gradient in
         self.W_enc = nn.Parameter(W_dec.t().clone())
         self.b_enc = nn.Parameter(torch.zeros(L))
         self.b_dec = nn.Parameter(torch.zeros(d))
@@ -550,7 +572,7 @@ class SparseAutoencoder(nn.Module):
         def pre_cols(cols: Tensor) -> Tensor:
             x_in = x - self.b_dec if use_b_dec else x
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                return torch.addmm(self.b_enc[cols], x_in, self.W_enc[:, cols])
+                return torch.addmm(self.b_enc[cols], x_in, _TakeCols.apply(self.W_enc, cols))
 
         return codes, pre, pre_cols
 
@@ -574,9 +596,10 @@ class SparseAutoencoder(nn.Module):
         renormalisation undoes, so it would only add noise to Adam's moments."""
         if self.W_dec.grad is None:
             return
-        w = self.W_dec
-        coef = (self.W_dec.grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
-        self.W_dec.grad -= coef * w
+        w, g = self.W_dec, self.W_dec.grad
+        # row-wise dots as [L, 1, d] @ [L, d, 1]: no [L, d] temporaries (this runs every step)
+        coef = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2) / w.norm(dim=1, keepdim=True).square().clamp_min(1e-12)
+        g.addcmul_(coef, w, value=-1.0)
 
     @torch.no_grad()
     def init_b_dec(self, x_sample: Tensor, method: str = "geometric_median", n_iter: int = 10) -> None:

@@ -2,8 +2,8 @@
 
     sae, history = trained_sae(store, TrainConfig(k=32, rule="mutual_choice"), hook=hook)
 
-The key covers the activation store (its content-addressed name), the hook, every field of the
-TrainConfig and the starting SAE for fine-tunes. A finished SAE is saved in the SAELens on-disk
+The key covers the data (an activation store's content-addressed name, or the sha256 of a
+tensor's bytes), the hook, every field of the TrainConfig and the starting SAE for fine-tunes. A finished SAE is saved in the SAELens on-disk
 format (`cfg.json` + `sae_weights.safetensors`) with its training history as CSV; the folder is
 renamed into place only when complete, and training checkpoints let a killed run resume.
 """
@@ -16,7 +16,7 @@ import pandas as pd
 from torch import Tensor
 
 from sae_repro.activations import ActivationStore
-from sae_repro.cache import atomic_path, cache_dir, hash_inputs
+from sae_repro.cache import atomic_path, cache_dir, hash_inputs, tensor_digest
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
 
@@ -37,15 +37,14 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     """Train (or load from the cache) an SAE on `store[hook]` -> (sae, history, key).
 
     data: an ActivationStore (with `hook` naming the tensor if it holds several), or a tensor
-    x [n, d] derived from one (e.g. the linear part of another SAE's error), then with
-    `data_key`: a string that pins its content, such as a hash of how it was made.
+    x [n, d] derived from one (e.g. the linear part of another SAE's error), keyed by the sha256
+    of its bytes (and `data_key`, an optional label, e.g. how it was made): a tensor computed
+    differently by another code version never reuses a stale SAE.
     grads: loss gradients for a g-SAE trained on a tensor (a store supplies its own).
     init: (sae, its key) to fine-tune from, e.g. Feature Choice from a Mutual Choice SAE.
     """
     if isinstance(data, Tensor):
-        if data_key is None:
-            raise ValueError("trained_sae: a tensor needs data_key, a string that pins its content")
-        data_id, x = f"tensor:{data_key}", data
+        data_id, x = f"tensor:{tensor_digest(data)}:{data_key or ''}", data
     else:
         hook = hook if hook is not None else _only_hook(data)
         data_id, x = data.root.name, None

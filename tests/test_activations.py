@@ -46,6 +46,17 @@ def test_same_inputs_hit_cache_changed_input_recomputes(isolated_cache, count_wr
     assert len(count_writes) == 2 * n_first  # a changed input gets its own store
 
 
+def test_tokenized_corpus_is_cached_across_stores(isolated_cache, monkeypatch):
+    # another store on the same split (other n_tokens, hooks) reads the tokenized contexts back
+    calls = []
+    real = A.tokenize_contexts
+    monkeypatch.setattr(A, "tokenize_contexts", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    first = collect(spec())
+    second = collect(spec(n_tokens=600, hooks=HOOKS[:1]))
+    assert len(calls) == 1
+    assert torch.equal(second.contexts(), first.contexts()[: len(second.contexts())])
+
+
 def test_truncated_shard_is_detected_and_rebuilt(isolated_cache, count_writes):
     s = collect(spec())
     before = s.load(HOOKS[0])

@@ -24,3 +24,22 @@ def test_trained_sae_is_cached_and_keyed_by_config(isolated_cache, monkeypatch):
                                                     rule="mutual_choice"), hook=HOOK, progress=False)
     assert len(calls) == 2 and key3 != key  # another rule is another SAE
     assert not list((isolated_cache / "saes").glob(".tmp-*"))
+
+
+def test_trained_sae_on_a_tensor_is_keyed_by_its_content(isolated_cache, monkeypatch):
+    # the same label on other numbers (e.g. an error part computed by another code version)
+    # must train a new SAE, not reuse the stale one; the same numbers reuse it
+    calls = []
+    real = zoo.train_sae
+    monkeypatch.setattr(zoo, "train_sae", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(k=2, expansion=2, batch_size=128, epochs=1.0)
+    _, _, key = zoo.trained_sae(x, cfg, data_key="linear error", progress=False)
+    _, _, key_same = zoo.trained_sae(x.clone(), cfg, data_key="linear error", progress=False)
+    assert len(calls) == 1 and key_same == key
+    nudged = x.clone()
+    nudged[3, 5] += 1e-6
+    _, _, key_nudged = zoo.trained_sae(nudged, cfg, data_key="linear error", progress=False)
+    assert len(calls) == 2 and key_nudged != key
+    _, _, key_unlabelled = zoo.trained_sae(x, cfg, progress=False)  # a label is optional
+    assert key_unlabelled != key
