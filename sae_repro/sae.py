@@ -598,7 +598,8 @@ class SparseAutoencoder(nn.Module):
             return
         w, g = self.W_dec, self.W_dec.grad
         # row-wise dots as [L, 1, d] @ [L, d, 1]: no [L, d] temporaries (this runs every step)
-        coef = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2) / w.norm(dim=1, keepdim=True).square().clamp_min(1e-12)
+        dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # [L, 1]
+        coef = dots / w.norm(dim=1, keepdim=True).square().clamp_min(1e-12)
         g.addcmul_(coef, w, value=-1.0)
 
     @torch.no_grad()

@@ -3,9 +3,10 @@
     sae, history = trained_sae(store, TrainConfig(k=32, rule="mutual_choice"), hook=hook)
 
 The key covers the data (an activation store's content-addressed name, or the sha256 of a
-tensor's bytes), the hook, every field of the TrainConfig and the starting SAE for fine-tunes. A finished SAE is saved in the SAELens on-disk
-format (`cfg.json` + `sae_weights.safetensors`) with its training history as CSV; the folder is
-renamed into place only when complete, and training checkpoints let a killed run resume.
+tensor's bytes), the hook, every field of the TrainConfig and the starting SAE for fine-tunes.
+A finished SAE is saved in the SAELens on-disk format (`cfg.json` + `sae_weights.safetensors`)
+with its training history as CSV; the folder is renamed into place only when complete, and
+training checkpoints let a killed run resume.
 """
 
 from __future__ import annotations
