@@ -66,7 +66,8 @@ def main() -> None:
     # convert the model and tokenize the corpus once, outside the timed runs
     collect(ActivationSpec(hooks=(f"blocks.{args.layer}.hook_resid_post",), n_tokens=100,
                            with_loss=False), progress=False)
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores ({hardware()['cpu']})", flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores ({hardware()['cpu']})",
+          flush=True)
     rows = {}
     for name in CONFIGS:
         if name == "grad" and not args.with_grad:

@@ -237,7 +237,8 @@ def main() -> None:
     B, k = args.batch_size, args.k
     L = args.expansion * d
     print(f"# bench_train  {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  threads {args.threads}  "
-          f"cores {os.cpu_count()}  load average {os.getloadavg()[0]:.1f} (a shared machine: other jobs slow every number)")
+          f"cores {os.cpu_count()}  load average {os.getloadavg()[0]:.1f} "
+          "(a shared machine: other jobs slow every number)")
     print(f"data: {args.model} {hook}  train {n} tokens, held-out {len(x_test)} (split=test), d_in {d}, "
           f"bf16 store  (collect/load {time.perf_counter() - t0:.0f} s)")
     # bf16 only where the CPU has it natively (AMX / AVX512-BF16): emulated, it is ~100x slower
@@ -292,10 +293,12 @@ def main() -> None:
         print()
         pairs = [("ours topk fp32", "sae-lens topk fp32")]
         if native:
-            pairs = [("ours topk bf16", "sae-lens topk bf16-autocast"), ("ours topk bf16", "sae-lens topk fp32")] + pairs
+            pairs = [("ours topk bf16", "sae-lens topk bf16-autocast"),
+                     ("ours topk bf16", "sae-lens topk fp32")] + pairs
         for ours, theirs in pairs:
             print(f"tokens/s {ours} / {theirs}: best {best[ours] / best[theirs]:.2f}x, median "
-                  f"{med[ours] / med[theirs]:.2f}x;  held-out FVU {quality[ours]['fvu']:.4f} vs {quality[theirs]['fvu']:.4f}")
+                  f"{med[ours] / med[theirs]:.2f}x;  held-out FVU {quality[ours]['fvu']:.4f} vs "
+                  f"{quality[theirs]['fvu']:.4f}")
     for rule in ("mutual_choice", "feature_choice"):
         v, top = f"ours {rule} {fast}", f"ours topk {fast}"
         print(f"{v} tokens/s relative to {top}: best {best[v] / best[top]:.2f}, "

@@ -1,4 +1,5 @@
-from sae_repro.cli import main
 import sys
+
+from sae_repro.cli import main
 
 sys.exit(main())

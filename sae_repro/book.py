@@ -214,9 +214,10 @@ CHAPTER_PARTS = {
 }
 
 # Modules in the order of the flow; any others follow alphabetically.
-_FLOW = ("corpus", "registry", "models", "activations", "sparsity", "sae", "losses", "train",
-         "metrics", "decomposition", "synthetic", "zipf", "steering", "cache", "figures",
-         "profiles", "pipeline", "book", "cli")
+_FLOW = ("corpus", "registry", "models", "activations", "sparsity", "kernels", "sae", "saelens",
+         "losses", "train", "zoo", "metrics", "decomposition", "synthetic", "zipf", "steering",
+         "experiments", "verdicts", "chapter", "cache", "figures", "profiles", "pipeline", "book",
+         "cli")
 
 
 def api_page() -> str:
@@ -312,7 +313,6 @@ def _rst_problems(text: str) -> list[str]:
 
     from docutils import nodes
     from docutils.core import publish_doctree
-
     from docutils.parsers.rst import roles
 
     default = roles._roles.get("")  # a new document resets the default role: keep the page's

@@ -27,17 +27,25 @@ def _value(text: str) -> Any:
         return text
 
 
-def _list() -> None:
-    print("notebooks (parameters: type = default (allowed)):")
+def _list(name: str | None) -> None:
+    """Notebooks with their parameters, a profile's values and the figures (of `name`, or of every
+    profile when None)."""
+    shown = name or "default"
+    values = profile(shown)
+    print(f"notebooks (parameter: type = value under profile {shown} (allowed)):")
     for nb in pipeline.notebook_paths():
         print(f"  {nb.stem}")
-        for name, default in pipeline.declared_parameters(nb).items():
-            print(f"    {pipeline.describe_parameter(name, default)}")
-    print("profiles:")
-    for name in PROFILE_NAMES:
-        print(f"  {name}: {json.dumps(profile(name))}")
+        for param, default in pipeline.declared_parameters(nb).items():
+            if param != "profile":  # set with --profile, not -p
+                print(f"    {pipeline.describe_parameter(param, values.get(param, default))}")
+    if name:
+        print(f"profile {name}:")
+        for param, value in values.items():
+            print(f"  {param} = {value!r}")
+    else:
+        print(f"profiles: {', '.join(PROFILE_NAMES)} (`sae-repro list --profile NAME` shows one's values)")
     print("figures:")
-    for name in PROFILE_NAMES:
+    for name in [name] if name else PROFILE_NAMES:
         path = figures_dir(name) / "manifest.json"
         manifest = json.loads(path.read_text()) if path.exists() else {}
         for fig_id, e in sorted(manifest.items()):
@@ -59,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent notebooks in parallel processes")
     sub.add_parser("book", help="build the HTML book from the executed notebooks")
-    sub.add_parser("list", help="show notebooks, profiles and figures")
+    ls = sub.add_parser("list", help="show notebooks, profiles and figures")
+    ls.add_argument("--profile", choices=PROFILE_NAMES, default=None,
+                    help="show this profile's values (default: every profile, notebooks at `default`)")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "run":
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
             book.build()
         else:
-            _list()
+            _list(args.profile)
     except (pipeline.NotebookFailed, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"sae-repro: error: {e}", file=sys.stderr)
         return 1

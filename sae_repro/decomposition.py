@@ -309,7 +309,8 @@ def norm_baselines(target: Tensor, features: dict[str, Tensor], *, train_idx: Te
         yd, ids = y[:, 0].double(), tokens.long().cpu()
         n_ids = int(ids.max()) + 1
         sums = torch.zeros(n_ids, dtype=torch.float64).index_add_(0, ids[tr], yd[tr])
-        counts = torch.zeros(n_ids, dtype=torch.float64).index_add_(0, ids[tr], torch.ones(len(tr), dtype=torch.float64))
+        ones = torch.ones(len(tr), dtype=torch.float64)
+        counts = torch.zeros(n_ids, dtype=torch.float64).index_add_(0, ids[tr], ones)
         means = torch.where(counts > 0, sums / counts.clamp_min(1), yd[tr].mean())
         out["token identity"] = 1.0 - fvu(yd[te, None], means[ids[te], None])
     return out

@@ -27,6 +27,7 @@ import pandas as pd
 
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, sha256_file, update_json
+from sae_repro.verdicts import VERDICTS
 
 REPO = Path(__file__).resolve().parent.parent
 AUTHORS = "sae-repro contributors"
@@ -268,9 +269,6 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
 
 # ---------------------------------------------------------------------------------------------
 # Verdicts: each of the papers' claims next to what we measured
-
-
-VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
 
 
 def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict: str, why: str,

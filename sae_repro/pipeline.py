@@ -24,15 +24,14 @@ import platform
 import shutil
 import subprocess
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, update_json, write_json
-from sae_repro.figures import (REPO, SIDECAR_ENV, figures_dir, figures_of, git_commit,
-                               git_dirty, mark_stale, path_hash)
+from sae_repro.figures import REPO, SIDECAR_ENV, figures_dir, figures_of, git_commit, git_dirty, mark_stale, path_hash
 from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for
 
 

@@ -1,4 +1,4 @@
-"""Named profiles: one table of parameters, read by every notebook, and the rules they obey.
+"""Named profiles: each profile's parameters in one dict, read by every notebook, and their rules.
 
 A notebook's `parameters` cell names the parameters it reads, with the `default` profile's values;
 the pipeline injects the chosen profile's values for those names. `ci` runs every notebook end to
@@ -12,108 +12,257 @@ its type against the notebook's default (`check_parameter`) and its range agains
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 PROFILE_NAMES = ("ci", "quick", "default", "full")
 
-# parameter -> value per profile, in PROFILE_NAMES order.
-_TABLE: dict[str, tuple[Any, Any, Any, Any]] = {
-    "seed": (0, 0, 0, 0),
-    "device": ("cpu", "cpu", "cpu", "cuda"),
-    "model": ("tiny-random", "smollm2-135m", "smollm2-135m", "gpt2"),
-    "corpus": ("gutenberg-shakespeare", "gutenberg-shakespeare", "gutenberg-shakespeare",
-               "NeelNanda/pile-10k"),
-    "ctx_len": (64, 128, 128, 1024),
-    "drop_first": (2, 4, 4, 4),
-    "layers": ((0, 1), (5, 15, 25), (5, 15, 25), (3, 6, 9)),
+# Each profile in full, one dict each; the comments on what a parameter means and why it has its
+# value are on the `default` profile. tests/test_pipeline.py checks that every profile sets the
+# same parameters.
+
+# `ci`: every notebook end to end on the tiny random model, in a few minutes on 2 cores.
+CI: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "model": "tiny-random",
+    "corpus": "gutenberg-shakespeare",
+    "ctx_len": 64,
+    "drop_first": 2,
+    "layers": [0, 1],
+    "sae_layer": 1,
+    "bf16": "auto",
+    "pretrained_saes": [],
+    "mad_n_tokens": 2000,
+    "zoo_n_train": 4096,
+    "zoo_n_test": 1024,
+    "zoo_batch_size": 512,
+    "zoo_epochs": 2.0,
+    "zoo_beta": 3.0,
+    "main_expansion": 4,
+    "main_k": 8,
+    "an_n_train": 4096,
+    "an_n_test": 2048,
+    "sae_dead_window_tokens": 2048,
+    "sae_lr": 0.003,
+    "sae_batch_size": 256,
+    "sae_epochs": 2.0,
+    "ce_n_contexts": 4,
+    "dm_expansions": [2, 4, 8],
+    "dm_ks": [4, 8],
+    "dm_layer_expansions": [2, 8],
+    "dm_error_ks": [4, 8],
+    "dm_pursuit_n_tokens": 512,
+    "mc_ks": [4, 8],
+    "mc_finetune_fraction": 0.25,
+    "gsae_ks": [4, 8],
+    "gsae_betas": [3.0, 30.0],
+    "steer_n_latents": 4,
+    "steer_n_contexts": 2,
+    "steer_ctx_len": 16,
+    "steer_scale": 0.25,
+    "cross_seeds": 1,
+    "syn_n_tokens": 3000,
+    "syn_d_model": 32,
+    "syn_n_features": 256,
+    "syn_avg_active": 8,
+    "syn_noise_scales": [0.0, 1.0, 2.0],
+}
+
+# `quick`: a preview on the embedded SmolLM2-135M (~9 minutes cold on 2 AVX2 cores).
+QUICK: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "model": "smollm2-135m",
+    "corpus": "gutenberg-shakespeare",
+    "ctx_len": 128,
+    "drop_first": 4,
+    "layers": [5, 15, 25],
+    "sae_layer": 15,
+    "bf16": "auto",
+    "pretrained_saes": [],
+    "mad_n_tokens": 5000,
+    "zoo_n_train": 10_000,
+    "zoo_n_test": 4096,
+    "zoo_batch_size": 1024,
+    "zoo_epochs": 4.0,
+    "zoo_beta": 3.0,
+    "main_expansion": 8,
+    "main_k": 32,
+    "an_n_train": 12_000,
+    "an_n_test": 8192,
+    "sae_dead_window_tokens": 10_000,
+    "sae_lr": 0.003,
+    "sae_batch_size": 512,
+    "sae_epochs": 2.0,
+    "ce_n_contexts": 8,
+    "dm_expansions": [2, 4, 8],
+    "dm_ks": [16, 32],
+    "dm_layer_expansions": [2, 8],
+    "dm_error_ks": [16, 32],
+    "dm_pursuit_n_tokens": 2048,
+    "mc_ks": [16, 32],
+    "mc_finetune_fraction": 0.25,
+    "gsae_ks": [16, 32],
+    "gsae_betas": [3.0, 30.0],
+    "steer_n_latents": 8,
+    "steer_n_contexts": 4,
+    "steer_ctx_len": 32,
+    "steer_scale": 0.25,
+    "cross_seeds": 1,
+    "syn_n_tokens": 20_000,
+    "syn_d_model": 64,
+    "syn_n_features": 1024,
+    "syn_avg_active": 16,
+    "syn_noise_scales": [0.0, 0.5, 1.0, 2.0],
+}
+
+# `default`: the committed figures, on SmolLM2-135M (~56 minutes cold on 2 AVX2 cores).
+DEFAULT: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "model": "smollm2-135m",
+    "corpus": "gutenberg-shakespeare",
+    "ctx_len": 128,
+    "drop_first": 4,
+    "layers": [5, 15, 25],
     # the layer whose residual stream (blocks.L.hook_resid_post) the SAE chapters study
-    "sae_layer": (1, 15, 15, 6),
+    "sae_layer": 15,
     # bf16 matmuls where the hardware runs them natively (AMX, CUDA): sae_repro.precision
-    "bf16": ("auto", "auto", "auto", "auto"),
+    "bf16": "auto",
     # SAEs trained elsewhere at that hook, analysed beside ours by the Dark Matter chapter:
     # "release:sae_id" from SAELens's registry (hub: `full` only) or a SAELens folder
-    "pretrained_saes": ([], [], [], ["gpt2-small-res-jb:blocks.7.hook_resid_pre",
-                                     "gpt2-small-resid-post-v5-32k:blocks.6.hook_resid_post",
-                                     "gpt2-small-resid-post-v5-128k:blocks.6.hook_resid_post"]),
+    "pretrained_saes": [],
     # model and data chapter
-    "mad_n_tokens": (2_000, 5_000, 25_000, 100_000),
+    "mad_n_tokens": 25_000,
     # the SAE zoo: TopK, Mutual Choice, Feature Choice, g-SAE on one store (with gradients)
     # gradients need a backward pass (~230 tokens/s on 2 AVX2 cores in fp32), so the CPU stores
     # are small; the zoo, g-SAE and cross-paper chapters train 16 SAEs on them under `default`
-    "zoo_n_train": (4_096, 10_000, 60_000, 2_000_000),
-    "zoo_n_test": (1_024, 4_096, 24_576, 100_000),  # also the cross-paper regressions' tokens
+    "zoo_n_train": 60_000,
+    "zoo_n_test": 24_576,  # also the cross-paper regressions' tokens
     # 60k tokens in batches of 4096 are only ~70 Adam steps (test FVU 0.43 at k=32); batches of
     # 1024 over 10 epochs gave 0.25 on the same data, 512 gave 0.22 (slower, mild overfitting);
     # 4 epochs keeps the default profile within its 60-minute budget on 2 AVX2 cores (6 epochs:
     # held-out FVU 0.187 at k=32, and ~68 min for the whole profile)
-    "zoo_batch_size": (512, 1024, 1024, 4096),
-    "zoo_epochs": (2.0, 4.0, 4.0, 1.0),
+    "zoo_batch_size": 1024,
+    "zoo_epochs": 4.0,
     # g-SAE: score = z (1 + beta |W_dec grad_x L|). beta is not scale-free: with our gradient
     # (d of the context's summed next-token loss) the median |W_dec grad| at layer 15 of SmolLM2
     # is 0.006 (p99 0.046), so beta = 1 left 77% of tokens' selections unchanged from TopK and
     # beta = 100 changed 99.6% of them. The default sweep (1..300, k 32) found CE recovered and KL
     # best at beta 1-3 and beta 30 costing FVU and KL, so the chapters compare at beta = 3, where
     # the gradient changes about half of the held-out tokens' selections
-    "zoo_beta": (3.0, 3.0, 3.0, 3.0),
+    "zoo_beta": 3.0,
     # the main SAE of every chapter: width = main_expansion * d_model, k = main_k
-    "main_expansion": (4, 8, 8, 32),
-    "main_k": (8, 32, 32, 32),
+    "main_expansion": 8,
+    "main_k": 32,
     # analysis stores (no gradients; sae_repro.experiments): Dark Matter and Mutual Choice chapters
     # (default: 110k tokens, 2 epochs; 150k cost ~7 more minutes on 2 AVX2 cores)
-    "an_n_train": (4_096, 12_000, 110_000, 2_000_000),
-    "an_n_test": (2_048, 8_192, 40_000, 200_000),
+    "an_n_train": 110_000,
+    "an_n_test": 40_000,
     # a latent that has not fired for this many training tokens is dead and AuxK trains it; it
     # must be well below the tokens a run sees (OpenAI / sparsify use 10M of ~billions)
-    "sae_dead_window_tokens": (2_048, 10_000, 50_000, 1_000_000),
+    "sae_dead_window_tokens": 50_000,
     # Adam's learning rate of every chapter's SAEs. sparsify's 2e-4 / sqrt(n_latents / 2^14) is
     # meant for ~1e9 tokens; with the few hundred steps a CPU affords it left wide SAEs far from
     # converged (held-out FVU 0.39 at 18432 latents vs 0.26 at 1152, k 32, 300k tokens); a
     # constant 3e-3 gave 0.21 / 0.19 / 0.185 at 1152 / 4608 / 18432 latents (6e-3: a quarter of
     # the latents dead at 4608)
-    "sae_lr": (3e-3, 3e-3, 3e-3, 3e-3),
+    "sae_lr": 0.003,
     # SAEs trained on the analysis store
-    "sae_batch_size": (256, 512, 1024, 4096),
-    "sae_epochs": (2.0, 2.0, 2.0, 1.0),
+    "sae_batch_size": 1024,
+    "sae_epochs": 2.0,
     # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
-    "ce_n_contexts": (4, 8, 32, 128),
+    "ce_n_contexts": 32,
     # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
     # several k (main_k among them), at sae_layer
-    "dm_expansions": ((2, 4, 8), (2, 4, 8), (2, 4, 8, 16, 32), (4, 8, 16, 32, 64)),
-    "dm_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
+    "dm_expansions": [2, 4, 8, 16, 32],
+    "dm_ks": [16, 32, 64],
     # the same headline numbers at every layer of `layers`, on fewer widths (default: up to 16x,
     # an 8x span; 32x at two more layers cost ~5 min of the 60-min budget on 2 AVX2 cores)
-    "dm_layer_expansions": ((2, 8), (2, 8), (2, 8, 16), (4, 16, 64)),
+    "dm_layer_expansions": [2, 8, 16],
     # SAEs trained on the linear / nonlinear part of another SAE's error
-    "dm_error_ks": ((4, 8), (16, 32), (8, 16, 32, 64), (8, 16, 32, 64)),
+    "dm_error_ks": [8, 16, 32, 64],
     # held-out tokens that gradient pursuit re-encodes (it is dense: O(steps * n * width * d))
-    "dm_pursuit_n_tokens": (512, 2_048, 16_000, 50_000),
+    "dm_pursuit_n_tokens": 16_000,
     # Mutual / Feature Choice chapter (analysis store, main_expansion)
-    "mc_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
-    "mc_finetune_fraction": (0.25, 0.25, 0.25, 0.25),  # Feature Choice fine-tune: share of steps
+    "mc_ks": [16, 32, 64],
+    "mc_finetune_fraction": 0.25,  # Feature Choice fine-tune: share of steps
     # g-SAE chapter (gradient store, the zoo's training settings)
-    "gsae_ks": ((4, 8), (16, 32), (16, 32, 64), (16, 32, 64)),
-    "gsae_betas": ((3.0, 30.0), (3.0, 30.0), (1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
-                   (1.0, 3.0, 10.0, 30.0, 100.0, 300.0)),
+    "gsae_ks": [16, 32, 64],
+    "gsae_betas": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
     # steering: latents per SAE, unrelated contexts, their length, added norm / median token norm
-    "steer_n_latents": (4, 8, 32, 128),
-    "steer_n_contexts": (2, 4, 8, 32),
-    "steer_ctx_len": (16, 32, 32, 64),
+    "steer_n_latents": 32,
+    "steer_n_contexts": 8,
+    "steer_ctx_len": 32,
     # added norm / median token norm: at 1.0 every direction, random ones included, moved the
     # output by the same ~3.5 nats (saturated); a quarter stays where directions differ
-    "steer_scale": (0.25, 0.25, 0.25, 0.25),
+    "steer_scale": 0.25,
     # cross-paper chapter: training seeds per SAE type (spread = training noise vs real effect)
-    "cross_seeds": (1, 1, 2, 2),
+    "cross_seeds": 2,
     # synthetic check of the Dark Matter paper
-    "syn_n_tokens": (3_000, 20_000, 40_000, 200_000),
-    "syn_d_model": (32, 64, 128, 256),
-    "syn_n_features": (256, 1_024, 2_048, 8_192),
-    "syn_avg_active": (8, 16, 24, 32),
+    "syn_n_tokens": 40_000,
+    "syn_d_model": 128,
+    "syn_n_features": 2048,
+    "syn_avg_active": 24,
     # noise scales relative to the activations' RMS norm; activation noise can only be recovered
     # linearly where it dominates x, so the grid must reach past 1 (see sae_repro.synthetic)
-    "syn_noise_scales": ((0.0, 1.0, 2.0), (0.0, 0.5, 1.0, 2.0), (0.0, 0.5, 1.0, 1.5, 2.0),
-                         (0.0, 0.5, 1.0, 1.5, 2.0)),
+    "syn_noise_scales": [0.0, 0.5, 1.0, 1.5, 2.0],
 }
+
+# `full`: for a GPU and hub models (GPT-2 small with its pretrained SAEs).
+FULL: dict[str, Any] = {
+    "seed": 0,
+    "device": "cuda",
+    "model": "gpt2",
+    "corpus": "NeelNanda/pile-10k",
+    "ctx_len": 1024,
+    "drop_first": 4,
+    "layers": [3, 6, 9],
+    "sae_layer": 6,
+    "bf16": "auto",
+    "pretrained_saes": ["gpt2-small-res-jb:blocks.7.hook_resid_pre",
+                        "gpt2-small-resid-post-v5-32k:blocks.6.hook_resid_post",
+                        "gpt2-small-resid-post-v5-128k:blocks.6.hook_resid_post"],
+    "mad_n_tokens": 100_000,
+    "zoo_n_train": 2_000_000,
+    "zoo_n_test": 100_000,
+    "zoo_batch_size": 4096,
+    "zoo_epochs": 1.0,
+    "zoo_beta": 3.0,
+    "main_expansion": 32,
+    "main_k": 32,
+    "an_n_train": 2_000_000,
+    "an_n_test": 200_000,
+    "sae_dead_window_tokens": 1_000_000,
+    "sae_lr": 0.003,
+    "sae_batch_size": 4096,
+    "sae_epochs": 1.0,
+    "ce_n_contexts": 128,
+    "dm_expansions": [4, 8, 16, 32, 64],
+    "dm_ks": [16, 32, 64],
+    "dm_layer_expansions": [4, 16, 64],
+    "dm_error_ks": [8, 16, 32, 64],
+    "dm_pursuit_n_tokens": 50_000,
+    "mc_ks": [16, 32, 64],
+    "mc_finetune_fraction": 0.25,
+    "gsae_ks": [16, 32, 64],
+    "gsae_betas": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
+    "steer_n_latents": 128,
+    "steer_n_contexts": 32,
+    "steer_ctx_len": 64,
+    "steer_scale": 0.25,
+    "cross_seeds": 2,
+    "syn_n_tokens": 200_000,
+    "syn_d_model": 256,
+    "syn_n_features": 8192,
+    "syn_avg_active": 32,
+    "syn_noise_scales": [0.0, 0.5, 1.0, 1.5, 2.0],
+}
+PROFILES: dict[str, dict[str, Any]] = {"ci": CI, "quick": QUICK, "default": DEFAULT, "full": FULL}
+PARAMETERS: tuple[str, ...] = tuple(DEFAULT)  # every profile parameter, in the table's order
+
 
 
 @dataclass(frozen=True)
@@ -195,8 +344,7 @@ def profile(name: str) -> dict[str, Any]:
     """All parameters of profile `name`."""
     if name not in PROFILE_NAMES:
         raise ValueError(f"unknown profile={name!r}: expected one of {PROFILE_NAMES}")
-    i = PROFILE_NAMES.index(name)
-    return {k: (list(v[i]) if isinstance(v[i], (tuple, list)) else v[i]) for k, v in _TABLE.items()}
+    return copy.deepcopy(PROFILES[name])  # a copy: callers may change their lists
 
 
 def parameters_for(name: str, wanted: list[str]) -> dict[str, Any]:

@@ -210,7 +210,8 @@ def steering_effect(
         "positions": positions,
         "kl": kl.tolist(),
         "kl_per_norm": (kl / scale).tolist() if scale != 0 else [float("nan")] * n_dirs,
-        "target": pd.array(torch.as_tensor(targets).tolist() if targets is not None else [None] * n_dirs, dtype="Int64"),
+        "target": pd.array(torch.as_tensor(targets).tolist() if targets is not None else [None] * n_dirs,
+                           dtype="Int64"),
         "target_logprob_delta": delta,
     })
 

@@ -40,7 +40,7 @@ Launch one process per rank with torchrun, e.g. on one machine with 2 CPU proces
     store = collect(ActivationSpec(n_tokens=1_000_000, with_loss=False))  # same store on every rank
     sae, history = train_sae(store, TrainConfig(k=32, batch_size=4096), checkpoint_dir="ckpt")
     if dist.get_rank() == 0:
-        sae.save("sae_out")
+        save(sae, "sae_out")              # sae_repro.saelens.save
     dist.destroy_process_group()
 
     torchrun --standalone --nproc_per_node 2 train_ddp.py
@@ -62,10 +62,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from sae_repro.cache import atomic_path
+from sae_repro.kernels import SparseCodes
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
 from sae_repro.precision import resolve_bf16
-from sae_repro.sae import BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder, SparseCodes
+from sae_repro.sae import BATCH_RULES, BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
 NEUTRAL_FIELDS = ("checkpoint_every", "log_every")  # TrainConfig fields that do not change the result
@@ -173,6 +174,54 @@ def _global_sq_dev(t: Tensor) -> Tensor:
     return dev.clamp_min(1e-12)
 
 
+@torch.no_grad()
+def set_decoder_norm_to_unit(sae: SparseAutoencoder) -> None:
+    """Rescale each decoder row to unit norm (in place)."""
+    sae.W_dec /= sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def remove_parallel_decoder_grad(sae: SparseAutoencoder) -> None:
+    """Project out of W_dec.grad its component along each decoder row (OpenAI TopK, sparsify):
+    with unit rows kept by renormalising, that component only changes the norm, which the
+    renormalisation undoes, so it would only add noise to Adam's moments."""
+    if sae.W_dec.grad is None:
+        return
+    w, g = sae.W_dec, sae.W_dec.grad
+    # row-wise dots as [L, 1, d] @ [L, d, 1]: no [L, d] temporaries (this runs every step)
+    dots = torch.bmm(g.unsqueeze(1), w.unsqueeze(2)).squeeze(2)  # [L, 1]
+    coef = dots / w.norm(dim=1, keepdim=True).square().clamp_min(1e-12)
+    g.addcmul_(coef, w, value=-1.0)
+
+
+@torch.no_grad()
+def calibrate_threshold(sae: SparseAutoencoder, x: Tensor, batch_size: int, max_batches: int = 16) -> None:
+    """Batch rules: re-learn the inference threshold with the final weights (others: nothing).
+
+    The EMA kept during training lags weights that are still moving (in short runs the
+    threshold-inference L0 was far from k). This resets it to the running mean, over up to
+    `max_batches` full batches of x [n, d_in], of the smallest activation the batch rule selects
+    (per latent for Feature Choice), so inference keeps about the training budget.
+    """
+    if sae.cfg.rule not in BATCH_RULES:
+        return
+    n = x.shape[0]
+    if n < batch_size:
+        raise ValueError(f"calibrate_threshold: need at least batch_size={batch_size} tokens, got {n}")
+    was_training, decay = sae.training, sae.ema.decay
+    sae.train()
+    sae.ema.threshold.fill_(math.inf)
+    sae.ema.seen.zero_()
+    try:
+        for i in range(min(max_batches, n // batch_size)):
+            sae.ema.decay = i / (i + 1)  # EMA with this decay = running mean
+            batch = x[i * batch_size:(i + 1) * batch_size].to(sae.W_enc.device).float()
+            sae.encode(batch)  # a batch rule in training mode updates the EMA
+    finally:
+        sae.ema.decay = decay
+        sae.train(was_training)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor, cfg: TrainConfig, *,
                grad: Tensor | None = None, dead_mask: Tensor | None = None,
                density: Tensor | None = None, validate: bool = True) -> dict[str, Any]:
@@ -206,10 +255,10 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor
     loss = recon + cfg.aux_coef * aux
     loss.backward()
     if sae.cfg.normalize_decoder:
-        sae.remove_parallel_decoder_grad()
+        remove_parallel_decoder_grad(sae)
     opt.step()
     if sae.cfg.normalize_decoder:
-        sae.set_decoder_norm_to_unit()
+        set_decoder_norm_to_unit(sae)
     codes = out.codes
     if isinstance(codes, SparseCodes):
         codes = SparseCodes(codes.vals.detach(), codes.idx, codes.bag, codes.offsets, codes.n_latents)

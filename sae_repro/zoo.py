@@ -19,7 +19,8 @@ from torch import Tensor
 from sae_repro.activations import ActivationStore
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, tensor_digest
 from sae_repro.sae import SparseAutoencoder
-from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
+from sae_repro.saelens import load, save
+from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, calibrate_threshold, train_sae
 
 FORMAT_VERSION = 1
 
@@ -52,15 +53,15 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
     if (root / "history.csv").exists():
-        return SparseAutoencoder.load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
+        return load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
     ckpt = cache_dir() / "checkpoints" / key
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
     sae, history = train_sae(data, cfg, hook=hook, grads=grads, init=init[0] if init else None,
                              checkpoint_dir=ckpt, progress=progress)
-    sae.calibrate_threshold(x if x is not None else data.load(hook), cfg.batch_size)
+    calibrate_threshold(sae, x if x is not None else data.load(hook), cfg.batch_size)
     with atomic_path(root) as tmp:
-        sae.save(tmp)
+        save(sae, tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)
     return sae, pd.DataFrame(history), key
 

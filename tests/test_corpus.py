@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from sae_repro.corpus import load_corpus, tokenize_contexts, work_of
 from sae_repro.models import ByteTokenizer

@@ -99,7 +99,8 @@ def test_ddp_matches_one_process(ddp_runs, name):
     runs = [torch.load(ddp_runs / f"{name}_{r}.pt", weights_only=True) for r in range(WORLD)]
     for p in PARAMS:
         for r, run in enumerate(runs):  # every rank ends with the one-process weights
-            assert_close(run["sae"][p], getattr(one, p).detach(), rtol=1e-4, atol=1e-5, msg=lambda m, p=p, r=r: f"{p} rank {r}: {m}")
+            assert_close(run["sae"][p], getattr(one, p).detach(), rtol=1e-4, atol=1e-5,
+                         msg=lambda m, p=p, r=r: f"{p} rank {r}: {m}")
     # the dead-latent statistics are the global batch's on every rank
     dead_one = [row["dead_fraction"] for row in h_one]
     assert all([row["dead_fraction"] for row in run["history"]] == dead_one for run in runs)

@@ -20,7 +20,6 @@ from sae_repro.decomposition import (
 from sae_repro.metrics import fvu
 
 
-
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 

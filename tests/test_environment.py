@@ -1,15 +1,17 @@
-"""environment.yml and pyproject.toml list the same dependencies, and torch is pinned."""
+"""environment.yml and pyproject.toml list the same dependencies (the dev extra included), and
+torch is pinned."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_environment_matches_pyproject():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["dev"]
     env = yaml.safe_load((REPO / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     listed = [p for p in pip if not p.startswith("-")]

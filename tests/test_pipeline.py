@@ -156,8 +156,10 @@ def test_type_and_range_rules():
 
 
 def test_profiles_are_one_table_and_valid_for_every_notebook():
-    keys = set(profile("ci"))
-    assert all(set(profile(p)) == keys for p in PROFILE_NAMES)
+    keys = list(profile("ci"))
+    assert all(list(profile(p)) == keys for p in PROFILE_NAMES)  # same parameters, same order
+    profile("ci")["layers"].append(99)
+    assert 99 not in profile("ci")["layers"]  # a copy: a caller cannot change the table
     with pytest.raises(ValueError, match="unknown profile"):
         profile("huge")
     assert parameters_for("ci", ["seed", "nope"]) == {"seed": 0, "profile": "ci"}
@@ -167,8 +169,19 @@ def test_profiles_are_one_table_and_valid_for_every_notebook():
     default = profile("default")
     for nb in pipeline.notebook_paths():
         for name, value in pipeline.declared_parameters(nb).items():
+            # every parameter is a profile's (Chapter.open picks them out of the notebook's globals)
+            assert name == "profile" or name in default, f"{nb.stem}: {name} is in no profile"
             if name in default:
                 assert value == default[name], f"{nb.stem}: {name}={value!r} != {default[name]!r}"
+
+
+def test_list_shows_one_profiles_values(capsys):
+    assert cli.main(["list", "--profile", "ci"]) == 0
+    out = capsys.readouterr().out
+    assert "notebook" in out and "profile ci:" in out
+    assert "  model = 'tiny-random'" in out and "main_k: int = 8 (>= 1)" in out  # ci's values
+    assert cli.main(["list"]) == 0
+    assert "list --profile NAME" in capsys.readouterr().out
 
 
 def test_full_profile_names_gpt2_and_its_pretrained_saes():

@@ -9,15 +9,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from sae_repro.sae import (
-    SAELENS_ARCHITECTURE,
-    SAEConfig,
-    SparseAutoencoder,
-    SparseCodes,
-    _flat_topk_indices,
-)
+from sae_repro import saelens
+from sae_repro.kernels import SparseCodes, flat_topk_indices
 from sae_repro.metrics import l0
+from sae_repro.sae import SAEConfig, SparseAutoencoder
+from sae_repro.saelens import SAELENS_ARCHITECTURE
 from sae_repro.sparsity import gradient_topk, topk
+from sae_repro.train import calibrate_threshold, remove_parallel_decoder_grad, set_decoder_norm_to_unit
 
 D, L, N = 16, 64, 200
 RULES = [  # (rule, extra config)
@@ -137,14 +135,14 @@ def test_bf16_encoder_selects_nearly_the_same():
     assert_close(fast[both], ref[both], atol=0.02, rtol=0.01)  # bf16 rounding of the values
 
 
-def test_flat_topk_indices_is_the_topk_set():
+def testflat_topk_indices_is_the_topk_set():
     g = torch.Generator().manual_seed(0)
     flat = torch.randn(1 << 19, generator=g)
     M = 4000
-    got = _flat_topk_indices(flat, M)
+    got = flat_topk_indices(flat, M)
     assert torch.equal(got.sort().values, flat.topk(M).indices.sort().values)
     ties = torch.zeros(1 << 19)  # all equal: any M of them are a top-M
-    assert _flat_topk_indices(ties, M).unique().numel() == M
+    assert flat_topk_indices(ties, M).unique().numel() == M
 
 
 # ----------------------------------------------------------------------------- rules
@@ -195,10 +193,10 @@ def test_decoder_norm_and_parallel_gradient_removal():
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(L, 1) + 0.5)
     sae(data())[0].pow(2).sum().backward()
-    sae.remove_parallel_decoder_grad()
+    remove_parallel_decoder_grad(sae)
     cos = (sae.W_dec.grad * sae.W_dec).sum(1) / (sae.W_dec.grad.norm(dim=1) * sae.W_dec.norm(dim=1) + 1e-12)
     assert cos.abs().max() < 1e-5
-    sae.set_decoder_norm_to_unit()
+    set_decoder_norm_to_unit(sae)
     assert_close(sae.W_dec.norm(dim=1), torch.ones(L))
 
 
@@ -252,11 +250,11 @@ def trained_state(sae: SparseAutoencoder) -> SparseAutoencoder:
 @pytest.mark.parametrize("rule,kw", RULES, ids=IDS)
 def test_save_load_roundtrip(tmp_path, rule, kw):
     sae = trained_state(make(rule, **kw, hook_name="blocks.3.hook_resid_post"))
-    sae.save(tmp_path / "sae")
+    saelens.save(sae, tmp_path / "sae")
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["architecture"] == SAELENS_ARCHITECTURE[rule]
     assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
-    back = SparseAutoencoder.load(tmp_path / "sae")
+    back = saelens.load(tmp_path / "sae")
     assert back.cfg == sae.cfg and not back.training
     for name, t in sae.state_dict().items():
         assert torch.equal(back.state_dict()[name], t), name
@@ -266,8 +264,8 @@ def test_save_load_roundtrip(tmp_path, rule, kw):
 
 def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="cfg.json"):
-        SparseAutoencoder.load(tmp_path)
-    make().save(tmp_path / "s")
+        saelens.load(tmp_path)
+    saelens.save(make(), tmp_path / "s")
     cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
     del cfg["metadata"]["sae_repro"]
     for key, value, match in [("architecture", "gated", "architecture='gated'"),
@@ -275,7 +273,7 @@ def test_load_errors(tmp_path):
         bad = {**cfg, key: value}
         (tmp_path / "s" / "cfg.json").write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
-            SparseAutoencoder.load(tmp_path / "s")
+            saelens.load(tmp_path / "s")
 
 
 # ----------------------------------------------------------------------------- SAELens
@@ -289,7 +287,7 @@ def sae_lens():
 @pytest.mark.parametrize("rule,kw", RULES, ids=IDS)
 def test_ours_loads_in_sae_lens(sae_lens, tmp_path, rule, kw):
     sae = trained_state(make(rule, **kw))
-    theirs = sae_lens.SAE.load_from_disk(sae.save(tmp_path / "sae"))
+    theirs = sae_lens.SAE.load_from_disk(saelens.save(sae, tmp_path / "sae"))
     assert theirs.cfg.architecture() == SAELENS_ARCHITECTURE[rule]
     x = data(seed=4)
     with torch.no_grad():
@@ -299,8 +297,7 @@ def test_ours_loads_in_sae_lens(sae_lens, tmp_path, rule, kw):
 
 
 def _random_sae_lens(sae_lens, arch: str, **flags):
-    from sae_lens.saes import (JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE,
-                               TopKSAEConfig)
+    from sae_lens.saes import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 
     cls, cfg_cls = {"topk": (TopKSAE, TopKSAEConfig), "jumprelu": (JumpReLUSAE, JumpReLUSAEConfig),
                     "standard": (StandardSAE, StandardSAEConfig)}[arch]
@@ -325,8 +322,8 @@ def _random_sae_lens(sae_lens, arch: str, **flags):
 def test_sae_lens_loads_in_ours(sae_lens, tmp_path, arch, flags):
     theirs = _random_sae_lens(sae_lens, arch, **flags)
     theirs.save_model(tmp_path / "theirs")
-    ours = SparseAutoencoder.load(tmp_path / "theirs")
-    from_obj = SparseAutoencoder.from_sae_lens(theirs)
+    ours = saelens.load(tmp_path / "theirs")
+    from_obj = saelens.from_sae_lens(theirs)
     x = data(seed=6)
     with torch.no_grad():
         want_codes, want_x = theirs.encode(x), theirs(x)
@@ -335,14 +332,14 @@ def test_sae_lens_loads_in_ours(sae_lens, tmp_path, arch, flags):
             assert_close(sae(x)[0], want_x, atol=1e-5, rtol=1e-5)
             assert_close(sae(x, path="sparse").x_hat, want_x, atol=1e-5, rtol=1e-5)
     # and back again: ours saved -> SAELens gives the same output
-    again = sae_lens.SAE.load_from_disk(ours.save(tmp_path / "again"))
+    again = sae_lens.SAE.load_from_disk(saelens.save(ours, tmp_path / "again"))
     with torch.no_grad():
         assert_close(again(x), want_x, atol=1e-5, rtol=1e-5)
 
 
 def test_to_sae_lens(sae_lens):
     sae = make()
-    theirs = sae.to_sae_lens()
+    theirs = saelens.to_sae_lens(sae)
     x = data()
     with torch.no_grad():
         assert_close(theirs(x), sae(x)[0], atol=1e-5, rtol=1e-5)
@@ -355,17 +352,17 @@ def test_calibrated_threshold_keeps_the_training_budget():
     x = torch.randn(2048, 16)
     for rule in ("mutual_choice", "feature_choice"):
         sae = SparseAutoencoder(SAEConfig(d_in=16, n_latents=64, rule=rule, k=4), seed=0)
-        sae.calibrate_threshold(x, batch_size=256)
+        calibrate_threshold(sae, x, batch_size=256)
         sae.eval()
         codes = sae.encode(x)
         assert 0.8 * 4 <= l0(codes) <= 1.25 * 4, (rule, l0(codes))
 
 
 def test_load_pretrained_reads_a_saelens_folder_and_names_bad_specs(tmp_path):
-    from sae_repro.sae import load_pretrained
+    from sae_repro.saelens import load_pretrained
 
     sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=16, rule="topk", k=3), seed=1)
-    sae.save(tmp_path / "mine")
+    saelens.save(sae, tmp_path / "mine")
     again = load_pretrained(str(tmp_path / "mine"))
     x = torch.randn(5, 8)
     torch.testing.assert_close(again(x)[0], sae.eval()(x)[0])

@@ -2,8 +2,14 @@ import pytest
 import torch
 
 from sae_repro.models import load_model
-from sae_repro.steering import (compare_steering, live_latents, random_directions,
-                                steering_effect, steering_per_position, top_promoted_token)
+from sae_repro.steering import (
+    compare_steering,
+    live_latents,
+    random_directions,
+    steering_effect,
+    steering_per_position,
+    top_promoted_token,
+)
 
 LAST = "blocks.1.hook_resid_post"  # the tiny model's last residual stream, just before ln_final
 FIRST = "blocks.0.hook_resid_post"

@@ -13,7 +13,6 @@ from sae_repro.synthetic import (
 )
 
 
-
 def test_shapes_and_structure():
     acts = sparse_features(500, 16, 64, avg_active=4, dense_dim=3, dense_scale=2.0, seed=0)
     assert acts.x.shape == (500, 16) and acts.codes.shape == (500, 64)

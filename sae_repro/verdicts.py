@@ -1,0 +1,362 @@
+"""Verdict criteria: one function per claim of the papers, every threshold defined once, here.
+
+A criterion takes the numbers a chapter measured and returns a `Verdict`: one of `VERDICTS`, the
+criterion in words (`why`, recorded beside the verdict in the book) and, where it matters, a note
+on why the criterion could not decide (`note`). Notebooks compute the numbers and call these;
+they never compare a number with a threshold themselves. Each function is tested on both sides of
+every boundary in tests/test_verdicts.py.
+
+Sequences are ordered as the docstrings say (by width, smallest first, for the scaling claims).
+A NaN never counts as meeting a criterion; medians leave NaNs out (as pandas' do).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
+
+# Dark Matter (Engels et al.)
+VECTOR_TARGET = 0.5  # "about half of the error vector is linearly predictable"
+VECTOR_TOLERANCE = 0.2  # |R^2 - 0.5| within this counts as "about half"
+NORM_R2 = 0.9  # "more than 90% of the error norm is linearly predictable"
+NORM_R2_PARTLY = 0.7
+FLAT_SHARE = 0.5  # "flat": the nonlinear FVU moves by at most this share of the FVU's fall
+SAME_TOKENS_R2 = 0.7  # ours (the paper gives no number): per-token error norms predicted across widths
+SAME_TOKENS_R2_PARTLY = 0.4
+NONLINEAR_HELPS_SHARE = 0.05  # ours: share of the rest that ||NonlinearError_i|| removes, at the median
+DOWNSTREAM_TOLERANCE = 0.15  # |CE share - variance share| that we call "proportional"
+PURSUIT_SLIGHT = 0.10  # a relative decrease of the nonlinear FVU below this is "very slight"
+SYNTHETIC_DIAGONAL = 0.8  # planted noise vs the part it should land in: correlation above this
+SYNTHETIC_DIAGONAL_PARTLY = 0.5
+SYNTHETIC_OFF_DIAGONAL = 0.5  # and |correlation| with the other part below this
+# Mutual / Feature Choice (Ayonrinde)
+ZIPF_R2_ALL = 0.95  # paper: 0.982 over all ranks
+ZIPF_R2_MIDDLE = 0.98  # paper: 0.996 on the middle ranks
+HARD_TOKENS_RHO = 0.1  # Spearman rho of latents per token against the token's difficulty
+HARD_TOKENS_P = 0.01
+BEATS_MOST = 0.5  # "better at equal L0": mean delta > 0 and more than this share of points > 0
+# g-SAEs (Olmo et al.) and the cross-paper chapter
+CLEAR_SE = 2.0  # a difference of means counts when beyond this many standard errors
+SEED_NOISE_STD = 2.0  # an effect counts when beyond this many training-seed standard deviations
+ONE_SEED_NOISE = 0.05  # with one seed: the noise is guessed as this share of TopK's value
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A criterion's outcome: `verdict` (one of VERDICTS), `why` (the criterion in words) and
+    `note` (why it could not decide, or what qualifies it; empty if nothing does)."""
+
+    verdict: str
+    why: str
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict={self.verdict!r}: expected one of {VERDICTS}")
+
+    def __str__(self) -> str:
+        return self.verdict + (f" ({self.note})" if self.note else "")
+
+
+def _floats(values: Sequence[float], name: str) -> np.ndarray:
+    a = np.asarray(values, dtype=float).reshape(-1)
+    if a.size == 0:
+        raise ValueError(f"{name}: expected at least one value, got none")
+    return a
+
+
+def _median(values: Sequence[float], name: str) -> float:
+    """The median of the values that are not NaN (NaN where there are none)."""
+    a = _floats(values, name)
+    a = a[~np.isnan(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def _counted(n_ok: int, n: int) -> str:
+    """reproduced at every point, partly at half of them or more, else not reproduced."""
+    return "reproduced" if n_ok == n else "partly" if 2 * n_ok >= n else "not reproduced"
+
+
+def _by_count(n_ok: int, n: int) -> str:
+    """reproduced for all, partly for some, else not reproduced."""
+    return "reproduced" if n_ok == n else "partly" if n_ok > 0 else "not reproduced"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dark Matter: scaling and layers
+
+
+def relative_drop(values: Sequence[float]) -> float:
+    """(value at the smallest width - value at the largest) / value at the smallest."""
+    v = _floats(values, "values")
+    return float((v[0] - v[-1]) / v[0])
+
+
+def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float]) -> Verdict:
+    """"Nonlinear FVU stays roughly flat as SAEs widen." fvu, nonlinear_fvu: [n_widths], by width.
+
+    reproduced: the nonlinear FVU's relative change is at most FLAT_SHARE of the FVU's relative
+    fall; partly: smaller than the fall; not reproduced otherwise, or when the FVU does not fall
+    (no scaling to compare with)."""
+    d_fvu, d_nl = relative_drop(fvu), relative_drop(nonlinear_fvu)
+    why = ("criterion: the nonlinear FVU's relative change is at most half the FVU's relative fall "
+           "(partly: smaller than it)")
+    if not d_fvu > 0:
+        return Verdict("not reproduced", why + "; here the FVU does not fall with width",
+                       "the FVU does not fall with width")
+    verdict = ("reproduced" if abs(d_nl) <= FLAT_SHARE * d_fvu else
+               "partly" if abs(d_nl) < d_fvu else "not reproduced")
+    return Verdict(verdict, why)
+
+
+def vector_half(main_r2: float, sweep_r2: Sequence[float]) -> Verdict:
+    """"About half of the SAE error vector is linearly predictable." main_r2: the main SAE's
+    per-dimension vector R^2; sweep_r2: every SAE's of the sweep. reproduced: the main SAE within
+    VECTOR_TOLERANCE of VECTOR_TARGET; partly: some SAE of the sweep is."""
+    near = np.abs(_floats(sweep_r2, "sweep_r2") - VECTOR_TARGET) <= VECTOR_TOLERANCE
+    verdict = ("reproduced" if abs(main_r2 - VECTOR_TARGET) <= VECTOR_TOLERANCE else
+               "partly" if near.any() else "not reproduced")
+    return Verdict(verdict, "criterion: |R^2 - 0.5| <= 0.2 for the main SAE (partly: for some SAE "
+                            "of the sweep)")
+
+
+def norm_predictable(r2: Sequence[float]) -> Verdict:
+    """"More than 90% of the error's squared norm is linearly predictable." r2: held-out R^2 of
+    ||SaeError||^2 from [x, 1], one per SAE. reproduced: median > NORM_R2; partly: > NORM_R2_PARTLY."""
+    med = _median(r2, "r2")
+    verdict = "reproduced" if med > NORM_R2 else "partly" if med > NORM_R2_PARTLY else "not reproduced"
+    return Verdict(verdict, "criterion: median over the sweep > 0.9 (partly: > 0.7)")
+
+
+def same_tokens(r2_without: Sequence[float]) -> Verdict:
+    """"Larger SAEs struggle on the same tokens." r2_without: per width pair, the held-out R^2 of
+    the larger SAE's per-token error norm from the smaller one's. Thresholds are ours."""
+    med = _median(r2_without, "r2_without")
+    verdict = ("reproduced" if med >= SAME_TOKENS_R2 else
+               "partly" if med >= SAME_TOKENS_R2_PARTLY else "not reproduced")
+    return Verdict(verdict, "criterion (ours, the paper gives no threshold): median R^2 >= 0.7 "
+                            "(partly: >= 0.4)")
+
+
+def nonlinear_norm_helps(share_removed: Sequence[float]) -> Verdict:
+    """"The nonlinear error norm helps predict per-token scaling." share_removed: per width pair,
+    the share of the remaining variance that adding ||NonlinearError_i|| removes."""
+    s = _floats(share_removed, "share_removed")
+    med = _median(s, "share_removed")
+    verdict = ("reproduced" if (s > 0).all() and med >= NONLINEAR_HELPS_SHARE else
+               "partly" if med > 0 else "not reproduced")
+    return Verdict(verdict, "criterion (ours): positive for every pair and >= 5% at the median "
+                            "(partly: median > 0)")
+
+
+def across_layers(verdicts: Sequence[str | Verdict]) -> Verdict:
+    """A single-layer criterion applied at each layer: the common verdict if every layer agrees,
+    else partly."""
+    words = [v.verdict if isinstance(v, Verdict) else str(v).split(" (")[0] for v in verdicts]
+    if not words:
+        raise ValueError("verdicts: expected one per layer, got none")
+    return Verdict(words[0] if len(set(words)) == 1 else "partly",
+                   "the single-layer criteria, applied at each layer")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dark Matter: downstream, error SAEs, reducing the error, synthetic check
+
+
+def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[float]) -> Verdict:
+    """"The nonlinear error causes a share of the CE increase proportional to its size." Per width:
+    the nonlinear error's share of the SAE's CE increase and of its FVU (a NaN CE share, where the
+    SAE does not raise the CE, does not count). reproduced: |CE - variance share| <=
+    DOWNSTREAM_TOLERANCE at every width; partly: at half of them."""
+    gap = np.abs(_floats(ce_share, "ce_share") - _floats(variance_share, "variance_share"))
+    return Verdict(_counted(int((gap <= DOWNSTREAM_TOLERANCE).sum()), len(gap)),
+                   f"criterion: |CE share - variance share| <= {DOWNSTREAM_TOLERANCE} at every width "
+                   "(partly: at half)")
+
+
+def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]) -> Verdict:
+    """"SAEs trained on the nonlinear error are worse than on the linear error." Per k: held-out
+    FVU of the SAE on each part. reproduced: higher on the nonlinear part at every k; partly: at half."""
+    worse = _floats(fvu_nonlinear, "fvu_nonlinear") > _floats(fvu_linear, "fvu_linear")
+    return Verdict(_counted(int(worse.sum()), len(worse)),
+                   "criterion: higher held-out FVU on the nonlinear error at every k (partly: at half)")
+
+
+def pursuit_slight(relative_decrease: Sequence[float]) -> Verdict:
+    """"Gradient pursuit reduces the nonlinear error only very slightly." Per width: 1 - nonlinear
+    FVU with pursuit / with the SAE's encoder. reproduced: 0 <= decrease < PURSUIT_SLIGHT at every
+    width; partly: |change| below it everywhere (but not a decrease everywhere)."""
+    r = _floats(relative_decrease, "relative_decrease")
+    if ((r >= 0) & (r < PURSUIT_SLIGHT)).all():
+        return Verdict("reproduced", _PURSUIT_WHY)
+    if (np.abs(r) < PURSUIT_SLIGHT).all():
+        return Verdict("partly", _PURSUIT_WHY, "the change is slight, but not a decrease at every width")
+    return Verdict("not reproduced", _PURSUIT_WHY)
+
+
+_PURSUIT_WHY = (f"criterion: 0 <= decrease < {100 * PURSUIT_SLIGHT:.0f}% at every width "
+                "(partly: |change| below it)")
+
+
+def earlier_components(all_three: float, single: Sequence[float], pursuit: float) -> Verdict:
+    """"Earlier components' SAE outputs reduce the nonlinear error more than pursuit." Relative
+    reductions of the nonlinear FVU: by the three component SAEs together, by each alone, by
+    gradient pursuit. reproduced: together > 0 and > pursuit; partly: some single one > pursuit."""
+    if all_three > pursuit and all_three > 0:
+        return Verdict("reproduced", _EARLIER_WHY)
+    if (_floats(single, "single") > pursuit).any():
+        return Verdict("partly", _EARLIER_WHY, "only some component SAEs beat pursuit")
+    return Verdict("not reproduced", _EARLIER_WHY)
+
+
+_EARLIER_WHY = ("criterion: the three SAE outputs together reduce it, by more than pursuit "
+                "(partly: some single one beats pursuit)")
+
+
+def synthetic_noise(activation_to_linear: float, reconstruction_to_nonlinear: float,
+                    activation_to_nonlinear: float, reconstruction_to_linear: float) -> Verdict:
+    """"Planted noise lands where it should": correlations of each planted noise scale with the
+    estimated linear / nonlinear error. reproduced: both diagonal > SYNTHETIC_DIAGONAL and both
+    |off-diagonal| < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY."""
+    diag = min(activation_to_linear, reconstruction_to_nonlinear)
+    off = max(abs(activation_to_nonlinear), abs(reconstruction_to_linear))
+    verdict = ("reproduced" if diag > SYNTHETIC_DIAGONAL and off < SYNTHETIC_OFF_DIAGONAL else
+               "partly" if diag > SYNTHETIC_DIAGONAL_PARTLY else "not reproduced")
+    return Verdict(verdict, "criterion: both diagonal correlations > 0.8 and both off-diagonal |r| < 0.5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutual / Feature Choice
+
+
+def zipf_law(r2_all: float, r2_middle: float) -> Verdict:
+    """"Feature densities follow a Zipf law." R^2 of the log-log fit over all live ranks and of
+    the fit on the middle ranks (NaN: too few middle ranks). reproduced: both thresholds; partly: one."""
+    ok = [r2_all >= ZIPF_R2_ALL, r2_middle >= ZIPF_R2_MIDDLE]
+    return Verdict(_by_count(sum(ok), len(ok)),
+                   "criterion: overall R^2 >= 0.95 and middle R^2 >= 0.98 (partly: one of them)")
+
+
+def beats_at_equal_l0(deltas: Sequence[float]) -> bool:
+    """An SAE family is better than the reference at equal L0: its points' deltas (positive =
+    better, NaN = out of the reference curve's reach) have a mean > 0 and more than BEATS_MOST of
+    them are > 0."""
+    d = np.asarray(deltas, dtype=float).reshape(-1)
+    d = d[~np.isnan(d)]
+    return bool(d.size > 0 and d.mean() > 0 and (d > 0).mean() > BEATS_MOST)
+
+
+def mc_downstream(mutual_choice: Sequence[float], feature_choice_finetuned: Sequence[float]) -> Verdict:
+    """"Mutual Choice and fine-tuned Feature Choice recover more downstream loss than TopK at equal
+    L0." Per family: delta CE recovered against TopK's curve read at each point's L0 (NaN where it
+    is out of reach). reproduced: both families `beats_at_equal_l0`; partly: one; inconclusive if a
+    family has no comparable point."""
+    why = ("criterion: mean delta CE recovered > 0 and most points > 0 vs TopK's curve read at equal "
+           "L0, for both")
+    families = [mutual_choice, feature_choice_finetuned]
+    if any(np.isnan(np.asarray(f, dtype=float)).all() for f in families):
+        return Verdict("inconclusive", why, "no comparable point")
+    return Verdict(_by_count(sum(beats_at_equal_l0(f) for f in families), 2), why)
+
+
+def mc_fewer_dead(dead_no_aux: Sequence[float], dead_mutual_choice_zipf: float,
+                  dead_feature_choice: float) -> Verdict:
+    """"Mutual Choice with aux_zipf_loss and Feature Choice have fewer dead latents." Dead-on-test
+    shares of the SAEs trained without an auxiliary loss (TopK, Mutual Choice) and of the two.
+    reproduced: both below every no-aux SAE; partly: one; inconclusive if the no-aux SAEs have none."""
+    why = ("criterion: fewer dead-on-test latents than both no-aux SAEs, for both (inconclusive if the "
+           "no-aux SAEs have none)")
+    baseline = float(_floats(dead_no_aux, "dead_no_aux").min())
+    if baseline == 0:
+        return Verdict("inconclusive", why, "no dead latents without an aux loss")
+    fewer = [dead_mutual_choice_zipf < baseline, dead_feature_choice < baseline]
+    return Verdict(_by_count(sum(fewer), 2), why)
+
+
+def more_latents_for_harder(rho: float, p_value: float) -> bool:
+    """One series: Spearman rho of latents per token against difficulty > HARD_TOKENS_RHO with
+    p < HARD_TOKENS_P."""
+    return bool(rho > HARD_TOKENS_RHO and p_value < HARD_TOKENS_P)
+
+
+def hard_tokens(rho: Sequence[float], p_value: Sequence[float]) -> Verdict:
+    """"Under adaptive allocation, harder tokens get more latents." One (rho, p) per series (SAE x
+    inference mode). reproduced: `more_latents_for_harder` in every series; partly: in some."""
+    shows = [more_latents_for_harder(r, p)
+             for r, p in zip(_floats(rho, "rho"), _floats(p_value, "p_value"), strict=True)]
+    return Verdict(_by_count(sum(shows), len(shows)),
+                   "criterion: Spearman rho > 0.1 with p < 0.01 in every series (partly: in some)")
+
+
+# ---------------------------------------------------------------------------------------------
+# g-SAEs
+
+
+def gsae_faithful(ce_recovered_gsae: Sequence[float], ce_recovered_topk: Sequence[float],
+                  kl_gsae: Sequence[float], kl_topk: Sequence[float]) -> Verdict:
+    """"g-SAEs are more faithful downstream than TopK at equal k." Per k: CE loss recovered and KL
+    of the spliced g-SAE (selecting with the gradient) and TopK. reproduced: higher CE recovered and
+    lower KL at every k; partly: either at some k."""
+    ce = _floats(ce_recovered_gsae, "ce_recovered_gsae") > _floats(ce_recovered_topk, "ce_recovered_topk")
+    kl = _floats(kl_gsae, "kl_gsae") < _floats(kl_topk, "kl_topk")
+    both, either = int((ce & kl).sum()), int((ce | kl).sum())
+    verdict = "reproduced" if both == len(ce) else "partly" if either > 0 else "not reproduced"
+    return Verdict(verdict, "criterion: higher CE recovered and lower KL at every k (partly: either at "
+                            "some k); point estimates on the held-out contexts")
+
+
+def gsae_fewer_dead(dead_gsae: Sequence[float], dead_topk: Sequence[float]) -> Verdict:
+    """"g-SAEs have fewer dead latents than TopK." Per k: dead-on-test shares. reproduced: fewer at
+    every k; not reproduced: at none; partly: at some; inconclusive: equal everywhere."""
+    g, t = _floats(dead_gsae, "dead_gsae"), _floats(dead_topk, "dead_topk")
+    fewer, more = int((g < t).sum()), int((g > t).sum())
+    why = "criterion: fewer dead-on-test latents at every k (inconclusive if equal everywhere)"
+    if fewer == more == 0:
+        return Verdict("inconclusive", why, "no difference")
+    return Verdict("reproduced" if fewer == len(g) else "not reproduced" if fewer == 0 else "partly", why)
+
+
+def compare_means(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> str:
+    """"higher" / "lower" if mean_a - mean_b is beyond CLEAR_SE standard errors of the difference
+    (independent samples), else "no clear difference"."""
+    diff, se = mean_a - mean_b, (sem_a ** 2 + sem_b ** 2) ** 0.5
+    return "higher" if diff > CLEAR_SE * se else "lower" if diff < -CLEAR_SE * se else "no clear difference"
+
+
+def gsae_steering(calls: Sequence[str]) -> Verdict:
+    """"g-SAE latents steer the model more effectively." calls: `compare_means` of g-SAE vs TopK
+    latents on each steering metric. reproduced: higher on every metric; partly: higher on one and
+    lower on none."""
+    why = ("criterion: difference of means beyond 2 standard errors on both metrics (partly: on one, "
+           "and lower on none)")
+    if not calls:
+        raise ValueError("calls: expected one per steering metric, got none")
+    if all(c == "higher" for c in calls):
+        return Verdict("reproduced", why)
+    if "higher" in calls and "lower" not in calls:
+        return Verdict("partly", why)
+    unclear = all(c == "no clear difference" for c in calls)
+    return Verdict("not reproduced", why, "no clear difference" if unclear else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Across the papers
+
+
+def seed_noise(std_a: float, std_b: float, n_seeds: int, reference: float) -> float:
+    """The size below which a difference between two SAE types is training noise: SEED_NOISE_STD x
+    the larger of their standard deviations over seeds, or, with one seed (no spread measured),
+    ONE_SEED_NOISE x the reference value (a guess, and said so where it is used)."""
+    if n_seeds > 1:
+        return SEED_NOISE_STD * max(std_a, std_b)
+    return ONE_SEED_NOISE * reference
+
+
+def effect(delta: float, noise: float) -> str:
+    """How a quantity moves from one SAE type to another: "shrinks" / "grows" beyond the noise,
+    else "leaves unchanged"."""
+    return "shrinks" if delta < -noise else "grows" if delta > noise else "leaves unchanged"

@@ -1,0 +1,69 @@
+"""The chapter object: parameters from the notebook's namespace, precision resolved once, the shared
+SAE configurations (one definition, so two chapters asking for the same SAE hit one cache key),
+figures and verdicts recorded with the notebook, profile and parameters."""
+
+import json
+
+import matplotlib.pyplot as plt  # headless: matplotlib picks the Agg backend by itself
+import pandas as pd
+import pytest
+
+from sae_repro import verdicts
+from sae_repro.chapter import Chapter
+from sae_repro.profiles import profile
+from sae_repro.zoo import sae_key
+
+
+def _namespace(**changes) -> dict:
+    """What a notebook's globals hold after its parameters cell (ci values), plus unrelated names."""
+    values = profile("ci")
+    return {"profile": "ci", "__name__": "__main__", "In": [], "plt": object(), **values, **changes}
+
+
+def test_open_takes_the_profile_parameters_and_resolves_bf16():
+    ch = Chapter.open("sae_zoo", _namespace(bf16=False))
+    assert ch.profile == "ci" and set(ch.params) == set(profile("ci"))
+    assert "plt" not in ch.params and "__name__" not in ch.params
+    assert ch.bf16 is False and ch.setting.bf16 is False  # a bool, handed down as it is
+    assert ch.hook == "blocks.1.hook_resid_post"
+    with pytest.raises(ValueError, match="profile"):
+        Chapter.open("x", {"seed": 0})
+    with pytest.raises(KeyError, match="not declared"):
+        Chapter("x", "ci", {"seed": 0})["main_k"]
+
+
+def test_configs_follow_the_store_kind_and_are_shared():
+    analysis, gradient = (Chapter.open(n, _namespace()) for n in ("dark_matter_scaling", "sae_zoo"))
+    with pytest.raises(ValueError, match="stores"):
+        analysis.config("topk", 8)
+    analysis._opened("analysis", {})
+    gradient._opened("gradient", {})
+    p = profile("ci")
+    a = analysis.config("topk", 8)
+    assert (a.batch_size, a.epochs, a.expansion) == (p["sae_batch_size"], p["sae_epochs"], p["main_expansion"])
+    g = gradient.config("topk", 8)
+    assert (g.batch_size, g.epochs) == (p["zoo_batch_size"], p["zoo_epochs"])
+    assert gradient.config("gradient_topk", 8).beta == p["zoo_beta"]  # the shared g-SAE
+    assert gradient.config("gradient_topk", 8, beta=30.0).beta == 30.0  # a sweep says so
+    assert (a.lr, a.dead_window_tokens, a.seed) == (p["sae_lr"], p["sae_dead_window_tokens"], p["seed"])
+    # two chapters asking for the same SAE get the same cache entry
+    other = Chapter.open("dark_matter_layers", _namespace())
+    other._opened("analysis", {})
+    assert sae_key("store", "h", other.config("topk", 8, 2)) == sae_key("store", "h", analysis.config("topk", 8, 2))
+    assert sae_key("store", "h", other.config("topk", 8, 2)) != sae_key("store", "h", analysis.config("topk", 8, 4))
+    with pytest.raises(ValueError, match="one kind"):
+        analysis._opened("gradient", {})
+
+
+def test_figures_and_verdicts_carry_the_chapter(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAE_REPRO_FIGURES", str(tmp_path))
+    monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path / "cache"))
+    ch = Chapter.open("dark_matter_scaling", _namespace())
+    fig = plt.figure()
+    ch.figure(fig, pd.DataFrame({"x": [1]}), "t-fig", caption="c")
+    entry = json.loads((tmp_path / "manifest.json").read_text())["t-fig"]
+    assert (entry["notebook"], entry["profile"], entry["params"]["main_k"]) == ("dark_matter_scaling", "ci", 8)
+    line = ch.verdict("t-claim", verdicts.norm_predictable([0.95]), claim="c", paper="p", ours="0.95")
+    recorded = json.loads((tmp_path / "verdicts.json").read_text())["t-claim"]
+    assert recorded["verdict"] == "reproduced" and recorded["why"] == verdicts.norm_predictable([0.95]).why
+    assert "REPRODUCED" in line

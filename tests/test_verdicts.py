@@ -1,0 +1,241 @@
+"""Every verdict criterion on hand-made inputs, on both sides of each of its boundaries."""
+
+import math
+
+import pytest
+
+from sae_repro import verdicts as V
+
+NAN = math.nan
+
+
+def _v(result: V.Verdict) -> str:
+    assert result.why, "every verdict says its criterion"
+    return result.verdict
+
+
+@pytest.mark.parametrize("fvu, nl, want", [
+    ([0.4, 0.2], [0.10, 0.10], "reproduced"),           # nonlinear flat, FVU halves
+    ([1.0, 0.5], [1.0, 0.75], "reproduced"),            # drop 0.25 == 0.5 * 0.5: on the boundary
+    ([1.0, 0.5], [1.0, 0.7499], "partly"),              # just past half of the FVU's fall
+    ([0.4, 0.2], [0.10, 0.125], "reproduced"),          # a rise counts by its size
+    ([0.4, 0.2], [0.10, 0.0501], "partly"),             # drop 0.499 < 0.5
+    ([0.4, 0.2], [0.10, 0.05], "not reproduced"),       # falls as fast as the FVU
+    ([0.4, 0.4], [0.10, 0.10], "not reproduced"),       # the FVU does not fall
+    ([0.4, 0.5], [0.10, 0.10], "not reproduced"),
+])
+def test_nonlinear_flat(fvu, nl, want):
+    v = V.nonlinear_flat(fvu, nl)
+    assert _v(v) == want
+    assert bool(v.note) == (fvu[-1] >= fvu[0])  # the note says why it could not decide
+
+
+def test_relative_drop_and_empty_input():
+    assert V.relative_drop([4.0, 3.0, 1.0]) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="values"):
+        V.relative_drop([])
+
+
+@pytest.mark.parametrize("main, sweep, want", [
+    (0.5, [0.5], "reproduced"),
+    (0.7, [0.7], "reproduced"),          # |0.7 - 0.5| = 0.2: on the boundary
+    (0.3, [0.3], "reproduced"),
+    (0.71, [0.71, 0.69], "partly"),      # the main SAE is out, another one in
+    (0.71, [0.71, 0.29], "not reproduced"),
+    (0.05, [0.05, 0.1], "not reproduced"),
+])
+def test_vector_half(main, sweep, want):
+    assert _v(V.vector_half(main, sweep)) == want
+
+
+@pytest.mark.parametrize("r2, want", [
+    ([0.95, 0.91, 0.5], "reproduced"),      # median 0.91
+    ([0.9, 0.9, 0.95], "partly"),           # median exactly 0.9 is not "more than"
+    ([0.71, 0.8], "partly"),                # median 0.755
+    ([0.7, 0.7], "not reproduced"),         # exactly 0.7 is not > 0.7
+    ([0.95, NAN, 0.93], "reproduced"),      # NaN left out of the median
+    ([NAN], "not reproduced"),
+])
+def test_norm_predictable(r2, want):
+    assert _v(V.norm_predictable(r2)) == want
+
+
+@pytest.mark.parametrize("r2, want", [
+    ([0.7], "reproduced"), ([0.69], "partly"), ([0.4], "partly"), ([0.39], "not reproduced"),
+    ([0.9, 0.1, 0.8], "reproduced"),
+])
+def test_same_tokens(r2, want):
+    assert _v(V.same_tokens(r2)) == want
+
+
+@pytest.mark.parametrize("shares, want", [
+    ([0.05, 0.06, 0.1], "reproduced"),
+    ([0.049, 0.049], "partly"),             # positive but below 5% at the median
+    ([-0.01, 0.2, 0.3], "partly"),          # not positive for every pair
+    ([-0.01, 0.0, 0.3], "not reproduced"),  # median 0
+])
+def test_nonlinear_norm_helps(shares, want):
+    assert _v(V.nonlinear_norm_helps(shares)) == want
+
+
+def test_across_layers():
+    assert _v(V.across_layers(["reproduced", "reproduced"])) == "reproduced"
+    assert _v(V.across_layers(["not reproduced", "not reproduced (the FVU does not fall)"])) == "not reproduced"
+    assert _v(V.across_layers([V.Verdict("partly", "x"), V.Verdict("reproduced", "x")])) == "partly"
+    assert _v(V.across_layers(["reproduced", "not reproduced"])) == "partly"
+    with pytest.raises(ValueError):
+        V.across_layers([])
+
+
+@pytest.mark.parametrize("ce, var, want", [
+    ([0.5, 0.6], [0.5, 0.45], "reproduced"),           # gaps 0 and 0.15 (boundary)
+    ([0.5, 0.66], [0.5, 0.5], "partly"),               # one of two widths off
+    ([0.5, NAN], [0.5, 0.5], "partly"),                # NaN: that width does not count
+    ([0.1, 0.5, 0.9], [0.5, 0.5, 0.5], "not reproduced"),  # one of three
+    ([0.5, 0.5, 0.9], [0.5, 0.5, 0.5], "partly"),      # two of three
+])
+def test_downstream_proportional(ce, var, want):
+    assert _v(V.downstream_proportional(ce, var)) == want
+
+
+@pytest.mark.parametrize("lin, nl, want", [
+    ([0.1, 0.2], [0.2, 0.3], "reproduced"),
+    ([0.1, 0.2], [0.2, 0.2], "partly"),               # equal is not worse
+    ([0.1, 0.2, 0.3], [0.2, 0.1, 0.2], "not reproduced"),
+])
+def test_error_saes_worse(lin, nl, want):
+    assert _v(V.error_saes_worse(lin, nl)) == want
+
+
+@pytest.mark.parametrize("rel, want", [
+    ([0.0, 0.0999], "reproduced"),
+    ([0.05, 0.1], "not reproduced"),        # 10% is not "very slight"
+    ([-0.05, 0.05], "partly"),              # slight, but a rise at one width
+    ([-0.1, 0.05], "not reproduced"),
+    ([0.2, 0.25], "not reproduced"),
+])
+def test_pursuit_slight(rel, want):
+    assert _v(V.pursuit_slight(rel)) == want
+
+
+@pytest.mark.parametrize("together, single, pursuit, want", [
+    (0.2, [0.05, 0.05], 0.1, "reproduced"),
+    (0.1, [0.05, 0.05], 0.1, "not reproduced"),   # equal to pursuit is not more
+    (0.05, [0.11, 0.0], 0.1, "partly"),
+    (0.0, [0.0], -0.1, "partly"),                 # beats a negative pursuit, but reduces nothing
+    (0.0, [-0.2], -0.1, "not reproduced"),
+])
+def test_earlier_components(together, single, pursuit, want):
+    assert _v(V.earlier_components(together, single, pursuit)) == want
+
+
+@pytest.mark.parametrize("diag, off, want", [
+    ((0.9, 0.81), (0.1, -0.49), "reproduced"),
+    ((0.9, 0.8), (0.1, 0.1), "partly"),            # 0.8 is not > 0.8
+    ((0.9, 0.9), (0.5, 0.0), "partly"),            # off-diagonal 0.5 is not < 0.5
+    ((0.9, 0.5), (0.0, 0.0), "not reproduced"),
+])
+def test_synthetic_noise(diag, off, want):
+    assert _v(V.synthetic_noise(diag[0], diag[1], off[0], off[1])) == want
+
+
+@pytest.mark.parametrize("r2_all, r2_mid, want", [
+    (0.95, 0.98, "reproduced"), (0.949, 0.98, "partly"), (0.95, 0.979, "partly"),
+    (0.9, NAN, "not reproduced"), (0.96, NAN, "partly"),
+])
+def test_zipf_law(r2_all, r2_mid, want):
+    assert _v(V.zipf_law(r2_all, r2_mid)) == want
+
+
+def test_beats_at_equal_l0():
+    assert V.beats_at_equal_l0([0.01, 0.02, -0.001])
+    assert not V.beats_at_equal_l0([0.01, -0.001])        # half the points > 0 is not most
+    assert not V.beats_at_equal_l0([0.1, 0.1, -0.5])      # most > 0 but the mean is negative
+    assert V.beats_at_equal_l0([0.01, NAN, NAN])          # out-of-reach points are left out
+    assert not V.beats_at_equal_l0([NAN])
+
+
+@pytest.mark.parametrize("mc, fc, want", [
+    ([0.01, 0.02], [0.01, 0.02], "reproduced"),
+    ([0.01, 0.02], [-0.01, 0.02], "partly"),
+    ([-0.01], [-0.02], "not reproduced"),
+    ([NAN, NAN], [0.01], "inconclusive"),
+    ([], [0.01], "inconclusive"),
+])
+def test_mc_downstream(mc, fc, want):
+    assert _v(V.mc_downstream(mc, fc)) == want
+
+
+@pytest.mark.parametrize("no_aux, mcz, fc, want", [
+    ((8.0, 10.0), 7.9, 1.0, "reproduced"),
+    ((8.0, 10.0), 8.0, 1.0, "partly"),        # equal to the lower no-aux SAE is not fewer
+    ((8.0, 10.0), 9.0, 8.5, "not reproduced"),
+    ((0.0, 10.0), 0.0, 0.0, "inconclusive"),
+])
+def test_mc_fewer_dead(no_aux, mcz, fc, want):
+    assert _v(V.mc_fewer_dead(no_aux, mcz, fc)) == want
+
+
+@pytest.mark.parametrize("rho, p, want", [
+    ([0.11, 0.5], [0.009, 1e-9], "reproduced"),
+    ([0.1, 0.5], [1e-9, 1e-9], "partly"),     # rho exactly 0.1 is not > 0.1
+    ([0.3, 0.5], [0.01, 1e-9], "partly"),     # p exactly 0.01 is not < 0.01
+    ([0.05, NAN], [1e-9, 1e-9], "not reproduced"),
+])
+def test_hard_tokens(rho, p, want):
+    assert _v(V.hard_tokens(rho, p)) == want
+
+
+@pytest.mark.parametrize("ce_g, ce_t, kl_g, kl_t, want", [
+    ([0.9, 0.95], [0.8, 0.9], [0.1, 0.1], [0.2, 0.2], "reproduced"),
+    ([0.9, 0.9], [0.8, 0.9], [0.1, 0.2], [0.2, 0.2], "partly"),   # ties at the second k
+    ([0.8], [0.9], [0.2], [0.2], "not reproduced"),
+    ([0.8], [0.9], [0.19], [0.2], "partly"),
+])
+def test_gsae_faithful(ce_g, ce_t, kl_g, kl_t, want):
+    assert _v(V.gsae_faithful(ce_g, ce_t, kl_g, kl_t)) == want
+
+
+@pytest.mark.parametrize("g, t, want", [
+    ([1.0, 2.0], [2.0, 3.0], "reproduced"),
+    ([1.0, 3.0], [2.0, 3.0], "partly"),
+    ([2.0, 3.0], [2.0, 3.0], "inconclusive"),
+    ([2.0, 4.0], [2.0, 3.0], "not reproduced"),
+])
+def test_gsae_fewer_dead(g, t, want):
+    assert _v(V.gsae_fewer_dead(g, t)) == want
+
+
+def test_compare_means_at_two_standard_errors():
+    se = (0.3 ** 2 + 0.4 ** 2) ** 0.5  # 0.5: the boundary is a difference of 1.0
+    assert V.compare_means(1.01, 0.3, 0.0, 0.4) == "higher"
+    assert V.compare_means(0.99, 0.3, 0.0, 0.4) == "no clear difference"
+    assert V.compare_means(0.0, 0.3, 1.0 + 1e-9, 0.4) == "lower"
+    assert se == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("calls, want, noted", [
+    (["higher", "higher"], "reproduced", False),
+    (["higher", "no clear difference"], "partly", False),
+    (["higher", "lower"], "not reproduced", False),
+    (["no clear difference", "no clear difference"], "not reproduced", True),
+    (["lower", "no clear difference"], "not reproduced", False),
+])
+def test_gsae_steering(calls, want, noted):
+    v = V.gsae_steering(calls)
+    assert _v(v) == want and bool(v.note) == noted
+
+
+def test_seed_noise_and_effect():
+    assert V.seed_noise(0.01, 0.02, n_seeds=2, reference=1.0) == pytest.approx(0.04)
+    assert V.seed_noise(0.01, 0.02, n_seeds=1, reference=0.2) == pytest.approx(0.01)
+    assert V.effect(-0.05, 0.04) == "shrinks"
+    assert V.effect(-0.04, 0.04) == "leaves unchanged"
+    assert V.effect(0.04, 0.04) == "leaves unchanged"
+    assert V.effect(0.0401, 0.04) == "grows"
+
+
+def test_verdict_rejects_unknown_words():
+    with pytest.raises(ValueError, match="verdict"):
+        V.Verdict("partly reproduced", "x")
+    assert str(V.Verdict("inconclusive", "x", "no difference")) == "inconclusive (no difference)"
