@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import logging
 import subprocess
 import sys
 from typing import Any
@@ -81,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             book.build()
         else:
             _list(args.profile)
+    except (pipeline.RunInterrupted, KeyboardInterrupt) as e:
+        # the dead kernel's pending tasks would log tracebacks at exit: the summary says it all
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        print(f"sae-repro: {e or 'interrupted'}", file=sys.stderr)
+        return 130
     except (pipeline.NotebookFailed, ValueError, RuntimeError, subprocess.CalledProcessError) as e:
         print(f"sae-repro: error: {e}", file=sys.stderr)
         return 1

@@ -97,6 +97,13 @@ def path_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _staging() -> Path | None:
+    """Where this run stages its figures and verdicts: set by the pipeline, which publishes them
+    (`publish`) only when the notebook has finished; None outside the pipeline (written live)."""
+    side = _sidecar().get("staging")
+    return Path(side) if side else None
+
+
 def _sidecar() -> dict[str, Any]:
     side = os.environ.get(SIDECAR_ENV)
     return json.loads(Path(side).read_text()) if side and Path(side).exists() else {}
@@ -234,7 +241,7 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
     `record_input`. Returns the PNG path."""
     if not fig_id.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"fig_id={fig_id!r}: use letters, digits, '-' and '_' only")
-    root = figures_dir(profile)
+    root = _staging() or figures_dir(profile)
     for ext in ("png", "svg"):
         with atomic_path(root / f"{fig_id}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
@@ -290,8 +297,13 @@ def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict:
             raise ValueError(f"claim_id={claim_id!r} already belongs to notebook {owner!r}")
         verdicts[claim_id] = entry
 
-    update_json(figures_dir(profile) / "verdicts.json", add)
+    update_json((_staging() or figures_dir(profile)) / "verdicts.json", add)
     return f"{claim}: paper {paper}; ours {ours} -> {verdict.upper()} ({why})"
+
+
+def verdicts_of_notebook(notebook: str, profile: str) -> dict[str, dict]:
+    """The recorded verdicts of `notebook` under `profile`."""
+    return {k: v for k, v in verdicts_of(profile).items() if v["notebook"] == notebook}
 
 
 def verdicts_of(profile: str) -> dict[str, dict]:
@@ -314,6 +326,36 @@ def mark_stale(notebook: str, profile: str) -> list[str]:
         if (figures_dir(profile) / name).exists():
             update_json(figures_dir(profile) / name, flag)
     return marked
+
+
+def publish(staging: Path, notebook: str, profile: str, run_key: str) -> list[str]:
+    """Move a finished run's staged figures and verdicts into the profile's folder.
+
+    The notebook's current entries are marked stale first, so that a kill while files move leaves
+    nothing marked fresh that the run did not finish; then every staged file replaces its old
+    copy, and the manifest and verdicts are rewritten (one atomic write each) with the run's
+    entries only, each carrying `run_key` (what the next run's skip decision checks them
+    against). Entries of the notebook that this run did not write are dropped. Returns the
+    figure ids published."""
+    mark_stale(notebook, profile)
+    root = figures_dir(profile)
+    staged = {name: json.loads((staging / name).read_text()) if (staging / name).exists() else {}
+              for name in ("manifest.json", "verdicts.json")}
+    for entry in staged["manifest.json"].values():
+        for f in entry["files"]:
+            os.replace(staging / f, root / f)
+    for name, entries in staged.items():
+        def put(live: dict, entries=entries) -> None:
+            for key in [k for k, v in live.items() if v.get("notebook") == notebook]:
+                del live[key]
+            owners = {k: live[k]["notebook"] for k in entries if k in live}
+            if owners:
+                raise ValueError(f"{notebook}: ids {sorted(owners)} already belong to {owners}")
+            live.update({k: v | {"run_key": run_key} for k, v in entries.items()})
+
+        if entries or (root / name).exists():
+            update_json(root / name, put)
+    return sorted(staged["manifest.json"])
 
 
 def figures_of(notebook: str, profile: str) -> dict[str, dict]:

@@ -15,6 +15,7 @@ Folders can be moved (tests do) with $SAE_REPRO_NOTEBOOKS, $SAE_REPRO_BOOK, $SAE
 from __future__ import annotations
 
 import ast
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -31,7 +33,18 @@ from typing import Any
 
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, update_json, write_json
-from sae_repro.figures import REPO, SIDECAR_ENV, figures_dir, figures_of, git_commit, git_dirty, mark_stale, path_hash
+from sae_repro.figures import (
+    REPO,
+    SIDECAR_ENV,
+    figures_dir,
+    figures_of,
+    git_commit,
+    git_dirty,
+    mark_stale,
+    path_hash,
+    publish,
+    verdicts_of_notebook,
+)
 from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for
 
 
@@ -49,6 +62,16 @@ def executed_dir() -> Path:
 
 class NotebookFailed(RuntimeError):
     """A notebook raised: names the notebook, the cell and the error."""
+
+
+class RunInterrupted(RuntimeError):
+    """Ctrl-C: says what finished, and that the notebook that was running published nothing."""
+
+    def __init__(self, profile: str, finished: list[str], running: list[str]):
+        kept = (f"{', '.join(running)} published nothing (its previous figures are kept as they were; "
+                f"the next run reruns it)") if running else "nothing was running"
+        done = ", ".join(finished) if finished else "none"
+        super().__init__(f"interrupted ({profile}): finished {done}; {kept}")
 
 
 class ParameterError(ValueError):
@@ -196,14 +219,29 @@ def _stamp_path(name: str, profile: str) -> Path:
     return cache_dir() / "runs" / profile / f"{name}.json"
 
 
+def _running_path(name: str, profile: str) -> Path:
+    """Exists while a run of the notebook is under way, and after one that was killed."""
+    return cache_dir() / "runs" / profile / f"{name}.running"
+
+
+def _staging_dir(name: str, profile: str) -> Path:
+    """Where a run writes its figures until it has finished (beside the live ones: one filesystem)."""
+    return figures_dir(profile) / ".staging" / name
+
+
 def why_run(job: Job, profile: str) -> str | None:
     """Why `job` must run, or None when its last successful run is still current."""
     stamp_path = _stamp_path(job.name, profile)
     if not (executed_dir() / job.path.name).exists():
         return "no executed copy"
+    if _running_path(job.name, profile).exists():
+        return "its last run did not finish"
     if not stamp_path.exists():
         return "no record of a successful run"
-    stamp = json.loads(stamp_path.read_text())
+    try:
+        stamp = json.loads(stamp_path.read_text())
+    except json.JSONDecodeError:
+        return f"its run record {stamp_path} is unreadable"
     old, new = stamp.get("parts", {}), _key_parts(job)
     if old.get("notebook") != new["notebook"]:
         return "notebook changed"
@@ -224,8 +262,13 @@ def why_run(job: Job, profile: str) -> str | None:
     for fig_id, entry in figures_of(job.name, profile).items():
         if entry.get("stale"):
             return f"figure {fig_id} is stale"
+        if entry.get("run_key") != stamp.get("key"):
+            return f"figure {fig_id} is not from its last successful run"
         if not all((figures_dir(profile) / f).exists() for f in entry["files"]):
             return f"figure {fig_id} missing"
+    for claim_id, entry in verdicts_of_notebook(job.name, profile).items():
+        if entry.get("stale") or entry.get("run_key") != stamp.get("key"):
+            return f"verdict {claim_id} is not from its last successful run"
     return None
 
 
@@ -256,7 +299,7 @@ def hardware() -> dict[str, Any]:
             "platform": platform.platform(), "python": platform.python_version()}
 
 
-def _failure_message(job: Job, err: Exception, failed_copy: Path) -> str:
+def _failure_message(job: Job, err: Exception, failed_copy: Path, had_figures: bool = True) -> str:
     import papermill as pm
 
     if isinstance(err, pm.PapermillExecutionError):
@@ -265,14 +308,25 @@ def _failure_message(job: Job, err: Exception, failed_copy: Path) -> str:
         index = next((i + 1 for i, c in enumerate(cells) if "".join(c["source"]).strip() == src),
                      None)
         where = f"cell {index}" if index else f"cell with execution count {err.exec_count}"
-        first = src.splitlines()[0] if src else ""
+        first = _raising_line(err.traceback) or (src.splitlines()[0] if src else "")
         what = f"{err.ename}: {err.evalue}"
     else:
         where, first, what = "kernel", "", f"{type(err).__name__}: {err}"
     msg = f"notebook {job.name} failed in {where} ({what})"
     if first:
         msg += f"\n  {where}: {first}"
-    return msg + f"\n  previous output kept (figures marked stale); failed copy: {failed_copy}"
+    kept = ("previous figures kept and marked stale" if had_figures else "no previous figures")
+    return msg + f"\n  {kept}; failed copy: {failed_copy}"
+
+
+def _raising_line(traceback: list[str]) -> str:
+    """The cell's line that raised, from IPython's traceback ("----> 5 x = f()" in the first frame,
+    the cell's own), as "line 5: x = f()"; empty if it is not there."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(traceback or []))
+    m = re.search(r"^-+> ?(\d+) (.*)$", text, flags=re.M)
+    return f"line {m.group(1)}: {m.group(2).strip()}" if m else ""
 
 
 def _record_run(profile: str, name: str, info: dict[str, Any], keep: bool = False) -> None:
@@ -293,15 +347,22 @@ def execute(job: Job, profile: str, force: bool = False) -> RunResult:
 
 
 def _execute(job: Job, profile: str, reason: str) -> RunResult:
+    """Run the notebook into the executed folder; its figures and verdicts are staged and published
+    only when it finishes, so an interrupted or killed run changes nothing that is published (and
+    leaves a marker that makes the next run rerun it)."""
     import papermill as pm
 
     runs = cache_dir() / "runs" / profile
-    sidecar = runs / f"{job.name}.sidecar.json"
+    sidecar, running = runs / f"{job.name}.sidecar.json", _running_path(job.name, profile)
+    staging = _staging_dir(job.name, profile)
+    _clean_leftovers(job, staging)
     parts = _key_parts(job)
-    write_json(sidecar, {"overrides": job.overrides, "git": job.git or _git_now(), "inputs": {
+    write_json(sidecar, {"overrides": job.overrides, "git": job.git or _git_now(), "staging": str(staging),
+                         "inputs": {
         "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
         "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(running, {"started": started, "params": job.params})
     load = round(os.getloadavg()[0], 1)  # other work on the machine slows this run down
     t0 = time.time()
     old_env = os.environ.get(SIDECAR_ENV)
@@ -310,10 +371,13 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     try:
         with atomic_path(executed_dir() / job.path.name) as tmp:
             try:
-                pm.execute_notebook(str(job.path), str(tmp), parameters=job.params,
-                                    kernel_name="python3", cwd=str(job.path.parent),
-                                    progress_bar=False, log_output=False)
+                with _stderr_to(runs / f"{job.name}.kernel.log"):  # the kernel's own chatter
+                    pm.execute_notebook(str(job.path), str(tmp), parameters=job.params,
+                                        kernel_name="python3", cwd=str(job.path.parent),
+                                        progress_bar=False, log_output=False)
             except Exception as e:  # a cell raised, the kernel died or timed out
+                if getattr(e, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+                    raise KeyboardInterrupt from None
                 failed = runs / f"{job.name}.failed.ipynb"
                 if tmp.exists():
                     shutil.copyfile(tmp, failed)
@@ -321,21 +385,57 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
                 _record_run(profile, job.name, {"status": "failed", "failed_at": started,
                                                 "error": type(e).__name__, "stale": stale},
                             keep=True)
-                raise NotebookFailed(_failure_message(job, e, failed)) from None
+                running.unlink(missing_ok=True)
+                raise NotebookFailed(_failure_message(job, e, failed, bool(stale))) from None
+            except BaseException:  # Ctrl-C: nothing was published; the marker reruns it next time
+                _record_run(profile, job.name, {"status": "interrupted", "interrupted_at": started},
+                            keep=True)
+                raise
+        key = hash_inputs(parts)
+        publish(staging, job.name, profile, key)
+        seconds = time.time() - t0
+        inputs = json.loads(sidecar.read_text())["inputs"]
+        write_json(_stamp_path(job.name, profile), {"key": key, "parts": parts, "inputs": inputs,
+                                                    "seconds": seconds})
+        running.unlink()
     finally:
+        shutil.rmtree(staging, ignore_errors=True)
         if old_env is None:
             os.environ.pop(SIDECAR_ENV, None)
         else:
             os.environ[SIDECAR_ENV] = old_env
-    seconds = time.time() - t0
-    inputs = json.loads(sidecar.read_text())["inputs"]
-    write_json(_stamp_path(job.name, profile), {"key": hash_inputs(parts), "parts": parts,
-                                                "inputs": inputs, "seconds": seconds})
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
                                     "load_at_start": load,
                                     "params": job.params, "hardware": hardware(), "git": job.git,
                                     "inputs": {k: v["hash"] for k, v in inputs.items()}})
     return RunResult(job.name, "ran", seconds, reason)
+
+
+@contextlib.contextmanager
+def _stderr_to(log: Path):
+    """Send this process's stderr, and so the kernel's (it inherits it), to `log` meanwhile: the
+    kernel's warnings ("running over TCP without encryption") and its traceback after a Ctrl-C
+    belong in a log, not on the console; errors of the notebook reach us through papermill."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(log, "w") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _clean_leftovers(job: Job, staging: Path) -> None:
+    """What a killed run of this notebook left behind: its staged figures and the temporary
+    executed copy (`atomic_path` removes both unless the process was killed outright)."""
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for tmp in executed_dir().glob(f".tmp-*-{job.path.name}"):
+        tmp.unlink(missing_ok=True)
 
 
 def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None,
@@ -379,15 +479,24 @@ def run(profile: str, only: list[str] | None = None, overrides: dict[str, Any] |
     """Run the selected notebooks (all by default); `jobs` > 1 runs independent ones in parallel
     processes. Raises ParameterError before any kernel starts, NotebookFailed on the first
     failure (after letting notebooks already running finish)."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ParameterError(f"jobs={jobs!r}: must be a whole number >= 1")
     planned = _ordered(plan(profile, only, overrides))
-    if jobs <= 1 or len(planned) <= 1:
-        results = []
-        for job in planned:
-            print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
-            results.append(execute(job, profile, force))
-            _report(results[-1], profile)
+    if jobs == 1 or len(planned) <= 1:
+        results: list[RunResult] = []
+        try:
+            for job in planned:
+                print(f"[sae-repro] {job.name} ({profile}) ...", flush=True)
+                results.append(execute(job, profile, force))
+                _report(results[-1], profile)
+        except KeyboardInterrupt:
+            running = [planned[len(results)].name] if len(results) < len(planned) else []
+            raise RunInterrupted(profile, [r.notebook for r in results], running) from None
         return results
-    return _run_parallel(planned, profile, force, jobs)
+    try:
+        return _run_parallel(planned, profile, force, jobs)
+    except KeyboardInterrupt:
+        raise RunInterrupted(profile, [], [j.name for j in planned]) from None
 
 
 def _run_parallel(planned: list[Job], profile: str, force: bool, jobs: int) -> list[RunResult]:

@@ -243,3 +243,70 @@ def test_source_hash_ignores_modules_no_notebook_computes_with(tmp_path, monkeyp
     assert pipeline.source_hash() == before  # no notebook reruns for these
     (pkg / "sae.py").write_text("# the SAE changed\n")
     assert pipeline.source_hash() != before
+
+
+# `gamma` saves two figures with a pause between them, and says when the first is written
+_GAMMA = """
+import pathlib, time
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from sae_repro.figures import save_figure
+for i in (1, 2):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, gamma_n])
+    save_figure(fig, pd.DataFrame({"n": [gamma_n]}), f"gamma-{i}", notebook="gamma", profile=profile,
+                params={"gamma_n": gamma_n}, caption="A test figure.")
+    if marker:
+        pathlib.Path(marker).write_text("first figure written")
+        time.sleep(gamma_sleep)
+"""
+
+
+def _cli(*args: str, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "sae_repro", "run", "--profile", "ci", "--only", "gamma",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def test_a_killed_run_publishes_nothing_and_the_next_run_reruns(sandbox):
+    """SIGINT and SIGKILL while the notebook is between its two figures: the published figures stay
+    those of the last successful run, none is marked fresh with other parameters, and the next run
+    does not skip the notebook."""
+    import os
+    import signal
+    import time
+
+    _notebook(sandbox / "notebooks" / "gamma.ipynb",
+              'profile = "default"\ngamma_n = 1\ngamma_sleep = 0.0\nmarker = ""', _GAMMA)
+    first = _cli()
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    manifest_path = sandbox / "figures" / "manifest.json"
+    before = json.loads(manifest_path.read_text())
+    png = (sandbox / "figures" / "gamma-1.png").read_bytes()
+    for sig in (signal.SIGINT, signal.SIGKILL):
+        marker = sandbox / f"marker-{sig.name}"
+        proc = _cli("-p", "gamma_n", "5", "-p", "gamma_sleep", "120.0", "-p", "marker", str(marker))
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
+            time.sleep(0.2)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+        after = json.loads(manifest_path.read_text())
+        for fig_id in ("gamma-1", "gamma-2"):  # as the last successful run left them
+            assert after[fig_id]["params"] == {"gamma_n": 1} and not after[fig_id]["stale"], sig
+            assert after[fig_id]["run_key"] == before[fig_id]["run_key"]
+        assert (sandbox / "figures" / "gamma-1.png").read_bytes() == png
+        if sig == signal.SIGINT:
+            out = proc.stdout.read()
+            assert "interrupted" in out and "Traceback" not in out, out
+    again = _cli()
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and "gamma (ci): ran" in out and "did not finish" in out, out
+    assert not list((sandbox / "executed").glob(".tmp-*"))  # the killed run's leftovers are gone
+    assert not (sandbox / "figures" / ".staging" / "gamma").exists()
