@@ -59,11 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sae-repro", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="execute notebooks with papermill under a profile")
-    r.add_argument("--profile", default="default", choices=PROFILE_NAMES)
-    r.add_argument("--only", action="append", metavar="NOTEBOOK", help="notebook (repeatable)")
+    r = sub.add_parser("run", help="execute notebooks with papermill under a profile",
+                       description="Run the notebooks under a profile; a notebook whose inputs are unchanged "
+                                   "since its last successful run is skipped. Figures are published only by "
+                                   "a notebook that finishes.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    r.add_argument("--profile", default="default", choices=PROFILE_NAMES,
+                   help="ci: the tiny random model, ~4 min; quick: a SmolLM2-135M preview, ~9 min cold; "
+                        "default: the committed figures/ on SmolLM2-135M, ~56 min cold on 2 AVX2 cores; "
+                        "full: GPT-2 small from the hub, for a GPU (times on this project's 2-core machine; "
+                        "`sae-repro list --profile NAME` shows a profile's values)")
+    r.add_argument("--only", action="append", metavar="NOTEBOOK",
+                   help="run only this notebook (repeatable; default: all)")
     r.add_argument("-p", nargs=2, action="append", metavar=("NAME", "VALUE"), default=[],
-                   help="override one parameter (a Python literal, else a string)")
+                   help="override one parameter (a Python literal, else a string); checked with the "
+                        "profile's other values before any notebook starts")
     r.add_argument("--force", action="store_true", help="rerun even if inputs are unchanged")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent notebooks in parallel processes")

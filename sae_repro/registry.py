@@ -16,6 +16,14 @@ from pathlib import Path
 
 from sae_repro.cache import atomic_path, cache_dir, sha256_file
 
+# The shapes of the embedded models, known without loading them: parameters are checked against
+# them before any kernel starts (layers in range, k no larger than an SAE's width).
+EMBEDDED_MODEL_SHAPES: dict[str, dict[str, int]] = {
+    "smollm2-135m": {"d_model": 576, "n_layers": 30},
+    "tiny-random": {"d_model": 64, "n_layers": 2},  # models.tiny_model's defaults
+}
+EMBEDDED_CORPORA = ("gutenberg-shakespeare",)
+
 
 @dataclass(frozen=True)
 class PypiArtifact:

@@ -431,8 +431,10 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     Choice from a Mutual Choice SAE as in Ayonrinde 2024); its rule may differ from cfg.rule.
     checkpoint_dir: where `checkpoint.pt` is written every `cfg.checkpoint_every` steps
     (atomically) and, with resume=True, read back to continue a killed run.
-    Returns the SAE (eval mode) and the history: one dict per `log_every` steps with step, tokens,
-    lr, loss, fvu, mse, l0, dead_fraction, aux, tokens_per_s.
+    Returns the SAE (eval mode, ready for inference: a batch rule's threshold is calibrated with
+    the final weights, `calibrate_threshold`) and the history: one dict per `log_every` steps with
+    step, tokens, lr, loss, fvu, mse, l0, dead_fraction, aux, tokens_per_s. A non-finite loss
+    stops training with a FloatingPointError naming the step.
     """
     x, grads, hook = _resolve_data(x, hook, grads, cfg)
     n, d = x.shape
@@ -477,6 +479,8 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
                          dead_mask=stats.dead_mask(cfg.dead_window_tokens).to(dev), density=density,
                          validate=False)  # _resolve_data checked all of x and grads
         sched.step()
+        if dev.type == "cpu" or (step + 1) % cfg.log_every == 0:  # a sync: on a GPU only when logging
+            _check_finite(out["loss"], step + 1, x, cfg)
         fired = out["fired"]
         if world > 1:
             dist.all_reduce(fired)
@@ -498,7 +502,18 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     if world > 1:  # DDP broadcasts buffers from rank 0 before each forward: end on rank 0's too
         for buf in sae.buffers():
             dist.broadcast(buf, 0)
+    calibrate_threshold(sae, x, B)  # batch rules: infer at the training budget (others: nothing)
     return sae.eval(), history
+
+
+def _check_finite(loss: Tensor, step: int, x: Tensor, cfg: TrainConfig) -> None:
+    """Stop with an error naming the step when the loss is NaN or inf (training cannot recover)."""
+    if not bool(torch.isfinite(loss)):
+        scale = max(float(c.abs().max()) for c in x.split(1 << 16))
+        raise FloatingPointError(
+            f"training stopped at step {step}: the loss is {float(loss)}. The activations reach "
+            f"|x| = {scale:.3g}; scale them down (an SAE expects activations of order 1..1e3) or lower "
+            f"the learning rate (lr={cfg.lr}); checkpoints written before this step are kept")
 
 
 def _log_row(step: int, B: int, opt: torch.optim.Optimizer, out: dict[str, Any], batch: Tensor,

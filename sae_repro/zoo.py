@@ -20,7 +20,7 @@ from sae_repro.activations import ActivationStore
 from sae_repro.cache import atomic_path, cache_dir, hash_inputs, tensor_digest
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.saelens import load, save
-from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, calibrate_threshold, train_sae
+from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
 
 FORMAT_VERSION = 1
 
@@ -46,10 +46,10 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     init: (sae, its key) to fine-tune from, e.g. Feature Choice from a Mutual Choice SAE.
     """
     if isinstance(data, Tensor):
-        data_id, x = f"tensor:{tensor_digest(data)}:{data_key or ''}", data
+        data_id = f"tensor:{tensor_digest(data)}:{data_key or ''}"
     else:
         hook = hook if hook is not None else _only_hook(data)
-        data_id, x = data.root.name, None
+        data_id = data.root.name
     key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
     if (root / "history.csv").exists():
@@ -59,7 +59,6 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
         cfg = replace(cfg, checkpoint_every=100)
     sae, history = train_sae(data, cfg, hook=hook, grads=grads, init=init[0] if init else None,
                              checkpoint_dir=ckpt, progress=progress)
-    calibrate_threshold(sae, x if x is not None else data.load(hook), cfg.batch_size)
     with atomic_path(root) as tmp:
         save(sae, tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)

@@ -20,6 +20,19 @@ def test_fvu_shape_error():
         fvu(torch.zeros(3, 2), torch.zeros(3, 3))
 
 
+@pytest.mark.parametrize("x, x_hat, match", [
+    ([[0.0, float("nan")], [2.0, 2.0]], [[0.0, 0.0], [2.0, 2.0]], "x contains NaN"),
+    ([[0.0, 0.0], [2.0, 2.0]], [[0.0, float("inf")], [2.0, 2.0]], "x_hat contains NaN or inf"),
+    ([[1.0, 2.0], [1.0, 2.0]], [[1.0, 2.0], [1.0, 2.0]], "zero variance"),   # perfect, but undefined
+    ([[1.0, 2.0], [1.0, 2.0]], [[0.0, 2.0], [1.0, 2.0]], "zero variance"),
+])
+def test_fvu_rejects_undefined_inputs(x, x_hat, match):
+    with pytest.raises(ValueError, match=match):
+        fvu(torch.tensor(x), torch.tensor(x_hat))
+    with pytest.raises(ValueError, match="at least one token"):
+        fvu(torch.zeros(0, 2), torch.zeros(0, 2))
+
+
 def test_l0_density_dead_dense():
     codes = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
     assert l0(codes) == pytest.approx(1.5)

@@ -146,6 +146,41 @@ def test_bad_parameters_are_rejected_before_a_kernel_starts(monkeypatch):
     assert by_name["model_and_data"].params["mad_n_tokens"] == 10
 
 
+@pytest.mark.parametrize("overrides, match", [
+    ({"an_n_train": -5}, r"an_n_train=-5: must be >= 1"),
+    ({"an_n_test": 0}, r"an_n_test=0: must be >= 1"),
+    ({"an_n_train": 100}, r"an_n_train must be >= sae_batch_size \(one batch\); got an_n_train=100, "
+                          r"sae_batch_size=256"),
+    ({"zoo_n_test": 100}, r"zoo_n_test must be >= zoo_batch_size"),
+    ({"main_k": 300, "dm_ks": [4, 8, 300]}, r"k=300 is more latents than the narrowest SAE it trains has "
+                                             r"\(256 = 4 x d_model 64 of tiny-random\)"),
+    ({"dm_ks": [4, 200], "main_k": 4}, r"dm_ks=\[4, 200\]: k=200 .* \(128 = 2 x d_model 64"),
+    ({"model": "nosuchmodel"}, r"model='nosuchmodel': use one of the embedded"),
+    ({"corpus": "nosuchcorpus"}, r"corpus='nosuchcorpus': use one of \('gutenberg-shakespeare',\) or a Hugging"),
+    ({"sae_layer": 2}, r"sae_layer=2: tiny-random has layers 0..1"),
+    ({"sae_layer": 0}, r"sae_layer=0: must be >= 1"),
+    ({"layers": [0, 5]}, r"layers=\[0, 5\]: tiny-random has layers 0..1"),
+])
+def test_joint_and_model_rules_are_checked_before_a_kernel(monkeypatch, overrides, match):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", _no_kernel)
+    with pytest.raises(pipeline.ParameterError, match=match):
+        pipeline.run("ci", overrides=overrides)
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5])
+def test_jobs_must_be_a_positive_whole_number(monkeypatch, jobs, capsys):
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", _no_kernel)
+    with pytest.raises(pipeline.ParameterError, match="jobs"):
+        pipeline.run("ci", jobs=jobs)
+    if isinstance(jobs, int):
+        assert cli.main(["run", "--profile", "ci", "--jobs", str(jobs)]) == 1
+        assert "jobs=" in capsys.readouterr().err
+
+
 def test_type_and_range_rules():
     assert check_parameter("x", 3, 2.5) is None
     assert check_parameter("x", True, 1) == "x=True: expected int (like the default 1)"

@@ -314,3 +314,17 @@ def test_evaluate_matches_metrics():
     assert ev["l0"] == pytest.approx(float((codes != 0).sum(1).double().mean()))
     assert ev["dead_fraction"] == pytest.approx(float(((codes != 0).sum(0) == 0).double().mean()))
     assert ev["n_tokens"] == 1000 and ev["density"].shape == (ATOMS,)
+
+
+@pytest.mark.parametrize("rule", ["mutual_choice", "feature_choice"])
+def test_batch_rules_come_out_of_train_sae_ready_for_inference(rule):
+    """train_sae itself calibrates the threshold: eval-mode (threshold) inference keeps about the
+    training budget of k latents per token (it kept ~2 of 8 when only the zoo calibrated)."""
+    sae, _ = train_sae(X, cfg(rule=rule, epochs=2))
+    l0 = float((sae.encode(X) != 0).sum(1).double().mean())
+    assert not sae.training and 0.8 * K <= l0 <= 1.25 * K, l0
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step():
+    with pytest.raises(FloatingPointError, match=r"training stopped at step 1: the loss is nan.*\|x\| = 2.1\de\+20"):
+        train_sae(X * 1e20, cfg(epochs=1))
