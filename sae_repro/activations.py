@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,10 +29,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from sae_repro.cache import atomic_path, cache_dir, hash_inputs, sha256_file, write_json
+from sae_repro.cache import (
+    atomic_path,
+    cache_dir,
+    file_problem,
+    hash_inputs,
+    sha256_file,
+    write_file_checksum,
+    write_json,
+)
 from sae_repro.corpus import Corpus, load_corpus, tokenize_contexts
 from sae_repro.models import DEFAULT_MODEL, TINY_MODEL, load_model, parse_hook
 from sae_repro.precision import resolve_bf16
+from sae_repro.progress import Progress
 from sae_repro.registry import SMOLLM2_WHEEL
 
 FORMAT_VERSION = 2  # 2: the store keeps its contexts (contexts.safetensors)
@@ -143,8 +153,8 @@ def _shard_ok(path: Path) -> bool:
     if not (path.exists() and side.exists()):
         return False
     try:
-        return json.loads(side.read_text())["sha256"] == sha256_file(path)
-    except (json.JSONDecodeError, KeyError):
+        return json.loads(side.read_text())["sha256"] == sha256_file(path, memo=True)
+    except (ValueError, KeyError):
         return False
 
 
@@ -211,13 +221,15 @@ def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
                        "model": model_identity(spec.model, spec.seed)})
     path = cache_dir() / "tokens" / f"{key}.safetensors"
     if path.exists():
-        try:
+        problem = file_problem(path)
+        if problem is None:
             return load_file(path)["contexts"]
-        except Exception:  # a corrupt file is rebuilt below
-            path.unlink()
+        warnings.warn(f"tokens cache: {problem}; rebuilding it")
+        path.unlink()
     ctx = tokenize_contexts(corpus.split(spec.split), tokenizer, spec.ctx_len)
     with atomic_path(path) as tmp:
         save_file({"contexts": ctx.contiguous()}, tmp)
+    write_file_checksum(path)
     return ctx
 
 
@@ -246,11 +258,20 @@ def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
     root = cache_dir() / "activations" / store_key(spec, corpus_hash)
     manifest_path = root / "manifest.json"
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:  # bad JSON or not even UTF-8
+            warnings.warn(f"activation store: {manifest_path} is unreadable (truncated?); rebuilding "
+                          f"the store (shards that still match their checksums are kept)")
+            manifest = {"shards": []}
         ctx_file = root / CONTEXTS_FILE
-        if all(_shard_ok(root / s["file"]) for s in manifest["shards"]) and ctx_file.exists() \
-                and manifest.get("contexts_sha256") == sha256_file(ctx_file):
+        bad = [s["file"] for s in manifest["shards"] if not _shard_ok(root / s["file"])]
+        if manifest["shards"] and not bad and ctx_file.exists() \
+                and manifest.get("contexts_sha256") == sha256_file(ctx_file, memo=True):
             return ActivationStore(root, manifest)
+        if bad:
+            warnings.warn(f"activation store {root}: {len(bad)} shard(s) damaged or missing "
+                          f"({', '.join(bad[:3])}); recomputing them")
     model = model if model is not None else load_model(spec.model, seed=spec.seed, device=spec.device)
     for h in spec.hooks:
         parse_hook(model, h)  # clear error listing valid hooks before any work
@@ -260,11 +281,13 @@ def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
         save_file({"contexts": contexts.contiguous()}, tmp)
     n_shards = math.ceil(len(contexts) / spec.contexts_per_shard)
     shards = []
+    report = Progress(f"activations {spec.model} {spec.split} ({spec.n_tokens} tokens): shard", n_shards)
     for i in tqdm(range(n_shards), desc=f"activations {spec.model} {spec.split}", disable=not progress):
         path = root / f"shard_{i:05d}.safetensors"
         start = i * spec.contexts_per_shard
         if not _shard_ok(path):
             _write_shard(model, contexts[start: start + spec.contexts_per_shard], start, spec, path)
+        report.update(i + 1)
         shards.append({"file": path.name, **json.loads(path.with_suffix(".json").read_text())})
     tensors = list(spec.hooks) + ["tokens", "context", "position"]
     tensors += ["loss"] if spec.with_loss or spec.with_grad else []

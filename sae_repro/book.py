@@ -26,7 +26,7 @@ from typing import Any
 
 import sae_repro
 from sae_repro import pipeline
-from sae_repro.cache import atomic_path, cache_dir
+from sae_repro.cache import atomic_path, cache_dir, read_json
 from sae_repro.figures import figures_dir, verdicts_of
 from sae_repro.profiles import PROFILE_NAMES, profile, rule_for
 
@@ -111,7 +111,7 @@ def profiles_table() -> str:
 
 def _runs(p: str) -> dict[str, dict]:
     path = figures_dir(p) / "runs.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path)
 
 
 def _when(iso: str) -> str:
@@ -152,7 +152,7 @@ def figures_list() -> str:
     items = []
     for p in PROFILE_NAMES:
         path = figures_dir(p) / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest = read_json(path)
         for fig_id, e in sorted(manifest.items()):
             if e["profile"] != p:
                 continue
@@ -251,7 +251,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
 def _copy_figures(static: Path) -> None:
     for p in PROFILE_NAMES:
         path = figures_dir(p) / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest = read_json(path)
         dest = static / "figures" / p
         for entry in (e for e in manifest.values() if e["profile"] == p):
             dest.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,7 @@ def stale_figures() -> list[str]:
     out = []
     for p in PROFILE_NAMES:
         path = figures_dir(p) / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest = read_json(path)
         out += [f"{k} ({p})" for k, e in manifest.items() if e.get("stale") and e["profile"] == p]
     return out
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import logging
 import subprocess
 import sys
 from typing import Any
 
 from sae_repro import pipeline
+from sae_repro.cache import read_json
 from sae_repro.figures import figures_dir
 from sae_repro.profiles import PROFILE_NAMES, profile
 
@@ -48,7 +48,7 @@ def _list(name: str | None) -> None:
     print("figures:")
     for name in [name] if name else PROFILE_NAMES:
         path = figures_dir(name) / "manifest.json"
-        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest = read_json(path)
         for fig_id, e in sorted(manifest.items()):
             if e["profile"] == name:
                 stale = "  STALE" if e.get("stale") else ""

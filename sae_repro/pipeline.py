@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from sae_repro.figures import (
     verdicts_of_notebook,
 )
 from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for, setting_errors
+from sae_repro.progress import PROGRESS_ENV, relay
 
 
 def notebooks_dir() -> Path:
@@ -192,7 +194,7 @@ def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[
 
 # Modules that drive the pipeline and the book but that no notebook computes with: editing them
 # reruns nothing (a profile's values reach a notebook as its parameters, which are keyed).
-_NOT_COMPUTING = ("__main__.py", "book.py", "cli.py", "pipeline.py", "profiles.py")
+_NOT_COMPUTING = ("__main__.py", "book.py", "cli.py", "pipeline.py", "profiles.py", "progress.py")
 
 
 def source_hash() -> str:
@@ -240,7 +242,7 @@ def why_run(job: Job, profile: str) -> str | None:
         return "no record of a successful run"
     try:
         stamp = json.loads(stamp_path.read_text())
-    except json.JSONDecodeError:
+    except ValueError:
         return f"its run record {stamp_path} is unreadable"
     old, new = stamp.get("parts", {}), _key_parts(job)
     if old.get("notebook") != new["notebook"]:
@@ -365,9 +367,15 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     write_json(running, {"started": started, "params": job.params})
     load = round(os.getloadavg()[0], 1)  # other work on the machine slows this run down
     t0 = time.time()
-    old_env = os.environ.get(SIDECAR_ENV)
+    old_env = {k: os.environ.get(k) for k in (SIDECAR_ENV, PROGRESS_ENV)}
+    progress = runs / f"{job.name}.progress"
+    progress.unlink(missing_ok=True)
     os.environ[SIDECAR_ENV] = str(sidecar)  # inherited by the kernel
+    os.environ[PROGRESS_ENV] = str(progress)  # its phases, printed by the relay below
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the book's pages
+    stop = threading.Event()
+    relayer = threading.Thread(target=relay, args=(progress, f"  {job.name}: ", stop), daemon=True)
+    relayer.start()
     try:
         with atomic_path(executed_dir() / job.path.name) as tmp:
             try:
@@ -399,11 +407,14 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
                                                     "seconds": seconds})
         running.unlink()
     finally:
+        stop.set()
+        relayer.join()
         shutil.rmtree(staging, ignore_errors=True)
-        if old_env is None:
-            os.environ.pop(SIDECAR_ENV, None)
-        else:
-            os.environ[SIDECAR_ENV] = old_env
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
                                     "load_at_start": load,
                                     "params": job.params, "hardware": hardware(), "git": job.git,

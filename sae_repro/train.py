@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -66,6 +67,7 @@ from sae_repro.kernels import SparseCodes
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
 from sae_repro.precision import resolve_bf16
+from sae_repro.progress import Progress
 from sae_repro.sae import BATCH_RULES, BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -319,7 +321,12 @@ def _load_checkpoint(directory: Path, cfg: TrainConfig, fingerprint: list[float]
     path = directory / CHECKPOINT_FILE
     if not path.exists():
         return None
-    blob = torch.load(path, weights_only=True)
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as e:  # a damaged checkpoint only costs the steps it saved
+        warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}); training from the start")
+        path.unlink()
+        return None
     want = {k: v for k, v in asdict(cfg).items() if k not in NEUTRAL_FIELDS}
     have = {k: v for k, v in blob["cfg"].items() if k not in NEUTRAL_FIELDS}
     have["adam_betas"] = tuple(have.get("adam_betas", ()))
@@ -467,6 +474,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     sae.train()
     bar = tqdm(total=total, initial=step, desc=f"SAE {sae.cfg.rule} k={cfg.k} L={L}",
                disable=not progress or rank != 0)
+    report = Progress(f"train SAE {sae.cfg.rule} k={cfg.k} latents={L}: step", total)
     perm, perm_epoch, t_last, step_last = None, -1, time.perf_counter(), step
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -493,6 +501,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
             history.append(row)
             bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         bar.update(1)
+        report.update(step)
         if directory is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
             _save_checkpoint(directory, {
                 "format": 1, "cfg": asdict(cfg), "fingerprint": fingerprint, "step": step,

@@ -5,19 +5,22 @@
 The key covers the data (an activation store's content-addressed name, or the sha256 of a
 tensor's bytes), the hook, every field of the TrainConfig and the starting SAE for fine-tunes.
 A finished SAE is saved in the SAELens on-disk format (`cfg.json` + `sae_weights.safetensors`)
-with its training history as CSV; the folder is renamed into place only when complete, and
-training checkpoints let a killed run resume.
+with its training history as CSV and the sha256 of each file (`checksums.json`, verified on
+every load: a damaged or truncated SAE is retrained with a warning naming it); the folder is
+renamed into place only when complete, and training checkpoints let a killed run resume.
 """
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from dataclasses import asdict, replace
 
 import pandas as pd
 from torch import Tensor
 
 from sae_repro.activations import ActivationStore
-from sae_repro.cache import atomic_path, cache_dir, hash_inputs, tensor_digest
+from sae_repro.cache import atomic_path, cache_dir, folder_problem, hash_inputs, tensor_digest, write_checksums
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.saelens import load, save
 from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
@@ -52,8 +55,12 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
         data_id = data.root.name
     key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
-    if (root / "history.csv").exists():
-        return load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
+    if root.exists():
+        problem = folder_problem(root)
+        if problem is None:
+            return load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
+        warnings.warn(f"trained SAE {key}: {problem}; retraining it")
+        shutil.rmtree(root)
     ckpt = cache_dir() / "checkpoints" / key
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
@@ -62,6 +69,7 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     with atomic_path(root) as tmp:
         save(sae, tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)
+        write_checksums(tmp)  # verified on every load: a damaged SAE is retrained, never used
     return sae, pd.DataFrame(history), key
 
 

@@ -323,3 +323,36 @@ def test_width_bands_our_reading():
         width_bands([0.5, 0.3], [0.1], c)
     with pytest.raises(ValueError, match="finite"):
         width_bands([0.5, np.nan], [0.1, 0.1], c)
+
+
+def test_least_squares_agrees_with_lstsq_and_is_bit_reproducible():
+    from sae_repro.decomposition import least_squares
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3000, 40, generator=g, dtype=torch.float64) @ torch.randn(40, 40, generator=g,
+                                                                              dtype=torch.float64) + 0.3
+    y = torch.randn(3000, 7, generator=g, dtype=torch.float64)
+    ref = torch.linalg.lstsq(A, y).solution
+    W = least_squares(A, y)
+    assert float((W - ref).norm() / ref.norm()) < 1e-6
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            runs.append(least_squares(A.clone(), y.clone()))
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(runs[0], r) for r in runs)  # the same bits, whatever the thread count
+
+
+def test_least_squares_with_collinear_columns_matches_lstsq_predictions():
+    from sae_repro.decomposition import least_squares
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(500, 6, generator=g, dtype=torch.float64)
+    A = torch.cat([base, base[:, :2] * 2.0 - base[:, 2:3]], 1)  # 3 columns are combinations of others
+    y = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    ref = A @ torch.linalg.lstsq(A, y, rcond=1e-9).solution
+    pred = A @ least_squares(A, y)
+    assert float((pred - ref).norm() / ref.norm()) < 1e-6
