@@ -6,6 +6,7 @@ pitfall in other libraries): sum ||x - x_hat||^2 / sum ||x - mean(x)||^2.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -38,18 +39,30 @@ def fvu(x: Tensor, x_hat: Tensor) -> float:
     return float(resid / total)
 
 
+def _check_codes(name: str, codes: Tensor) -> None:
+    """codes [n_tokens, n_latents] with at least one token and no NaN (a NaN would count as active)."""
+    if codes.ndim != 2 or codes.shape[0] == 0:
+        raise ValueError(f"{name}: codes must be [n_tokens >= 1, n_latents], got shape {tuple(codes.shape)}")
+    if codes.is_floating_point() and bool(torch.isnan(codes).any()):
+        raise ValueError(f"{name}: codes contain NaN values")
+
+
 def l0(codes: Tensor) -> float:
     """Mean number of active (non-zero) latents per token.  codes: [n_tokens, n_latents]."""
+    _check_codes("l0", codes)
     return float((codes != 0).sum(-1).double().mean())
 
 
 def feature_density(codes: Tensor) -> Tensor:
     """Fraction of tokens on which each latent fires.  codes: [n_tokens, n_latents] -> [n_latents]."""
+    _check_codes("feature_density", codes)
     return (codes != 0).double().mean(0)
 
 
 def dead_fraction(fire_counts: Tensor) -> float:
     """Share of latents that never fired over a window.  fire_counts: [n_latents] counts over the window."""
+    if fire_counts.numel() == 0:
+        raise ValueError("dead_fraction: fire_counts is empty (an SAE has at least one latent)")
     return float((fire_counts == 0).double().mean())
 
 
@@ -64,6 +77,9 @@ def ce_loss_recovered(ce_clean: float, ce_spliced: float, ce_zero: float) -> flo
     1 = splicing the SAE in costs nothing; 0 = as bad as zero-ablating the activation. NaN if
     zero ablation does not hurt (no gap to recover). Losses: mean next-token CE in nats.
     """
+    if not all(math.isfinite(v) for v in (ce_clean, ce_spliced, ce_zero)):
+        raise ValueError(f"ce_loss_recovered: losses must be finite, got clean={ce_clean}, "
+                         f"spliced={ce_spliced}, zero={ce_zero}")
     gap = ce_zero - ce_clean
     return float((ce_zero - ce_spliced) / gap) if gap != 0 else float("nan")
 

@@ -352,53 +352,18 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     """Run the notebook into the executed folder; its figures and verdicts are staged and published
     only when it finishes, so an interrupted or killed run changes nothing that is published (and
     leaves a marker that makes the next run rerun it)."""
-    import papermill as pm
-
     runs = cache_dir() / "runs" / profile
-    sidecar, running = runs / f"{job.name}.sidecar.json", _running_path(job.name, profile)
-    staging = _staging_dir(job.name, profile)
+    running, staging = _running_path(job.name, profile), _staging_dir(job.name, profile)
     _clean_leftovers(job, staging)
     parts = _key_parts(job)
-    write_json(sidecar, {"overrides": job.overrides, "git": job.git or _git_now(), "staging": str(staging),
-                         "inputs": {
-        "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
-        "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
+    sidecar = _write_sidecar(job, runs, parts, staging)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json(running, {"started": started, "params": job.params})
     load = round(os.getloadavg()[0], 1)  # other work on the machine slows this run down
     t0 = time.time()
-    old_env = {k: os.environ.get(k) for k in (SIDECAR_ENV, PROGRESS_ENV)}
-    progress = runs / f"{job.name}.progress"
-    progress.unlink(missing_ok=True)
-    os.environ[SIDECAR_ENV] = str(sidecar)  # inherited by the kernel
-    os.environ[PROGRESS_ENV] = str(progress)  # its phases, printed by the relay below
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the book's pages
-    stop = threading.Event()
-    relayer = threading.Thread(target=relay, args=(progress, f"  {job.name}: ", stop), daemon=True)
-    relayer.start()
     try:
-        with atomic_path(executed_dir() / job.path.name) as tmp:
-            try:
-                with _stderr_to(runs / f"{job.name}.kernel.log"):  # the kernel's own chatter
-                    pm.execute_notebook(str(job.path), str(tmp), parameters=job.params,
-                                        kernel_name="python3", cwd=str(job.path.parent),
-                                        progress_bar=False, log_output=False)
-            except Exception as e:  # a cell raised, the kernel died or timed out
-                if getattr(e, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
-                    raise KeyboardInterrupt from None
-                failed = runs / f"{job.name}.failed.ipynb"
-                if tmp.exists():
-                    shutil.copyfile(tmp, failed)
-                stale = mark_stale(job.name, profile)
-                _record_run(profile, job.name, {"status": "failed", "failed_at": started,
-                                                "error": type(e).__name__, "stale": stale},
-                            keep=True)
-                running.unlink(missing_ok=True)
-                raise NotebookFailed(_failure_message(job, e, failed, bool(stale))) from None
-            except BaseException:  # Ctrl-C: nothing was published; the marker reruns it next time
-                _record_run(profile, job.name, {"status": "interrupted", "interrupted_at": started},
-                            keep=True)
-                raise
+        with _kernel_env(sidecar, runs / f"{job.name}.progress", job.name):
+            _run_papermill(job, profile, runs, started)
         key = hash_inputs(parts)
         publish(staging, job.name, profile, key)
         seconds = time.time() - t0
@@ -407,19 +372,72 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
                                                     "seconds": seconds})
         running.unlink()
     finally:
-        stop.set()
-        relayer.join()
         shutil.rmtree(staging, ignore_errors=True)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
                                     "load_at_start": load,
                                     "params": job.params, "hardware": hardware(), "git": job.git,
                                     "inputs": {k: v["hash"] for k, v in inputs.items()}})
     return RunResult(job.name, "ran", seconds, reason)
+
+
+def _write_sidecar(job: Job, runs: Path, parts: dict[str, Any], staging: Path) -> Path:
+    """What the kernel reads from the pipeline: overrides, git state, where to stage, inputs."""
+    sidecar = runs / f"{job.name}.sidecar.json"
+    write_json(sidecar, {"overrides": job.overrides, "git": job.git or _git_now(), "staging": str(staging),
+                         "inputs": {
+        "notebook": {"path": str(job.path.resolve()), "hash": parts["notebook"]},
+        "sae_repro": {"path": None, "hash": f"{parts['version']}+{parts['source']}"}}})
+    return sidecar
+
+
+def _run_papermill(job: Job, profile: str, runs: Path, started: str) -> None:
+    """Execute into the executed copy (replaced only on success); a failure is recorded, its old
+    figures marked stale, and raised as NotebookFailed; Ctrl-C is recorded and re-raised."""
+    import papermill as pm
+
+    with atomic_path(executed_dir() / job.path.name) as tmp:
+        try:
+            with _stderr_to(runs / f"{job.name}.kernel.log"):  # the kernel's own chatter
+                pm.execute_notebook(str(job.path), str(tmp), parameters=job.params,
+                                    kernel_name="python3", cwd=str(job.path.parent),
+                                    progress_bar=False, log_output=False)
+        except Exception as e:  # a cell raised, the kernel died or timed out
+            if getattr(e, "ename", None) == "KeyboardInterrupt":  # Ctrl-C reached the kernel first
+                raise KeyboardInterrupt from None
+            failed = runs / f"{job.name}.failed.ipynb"
+            if tmp.exists():
+                shutil.copyfile(tmp, failed)
+            stale = mark_stale(job.name, profile)
+            _record_run(profile, job.name, {"status": "failed", "failed_at": started,
+                                            "error": type(e).__name__, "stale": stale}, keep=True)
+            _running_path(job.name, profile).unlink(missing_ok=True)
+            raise NotebookFailed(_failure_message(job, e, failed, bool(stale))) from None
+        except BaseException:  # Ctrl-C: nothing was published; the marker reruns it next time
+            _record_run(profile, job.name, {"status": "interrupted", "interrupted_at": started}, keep=True)
+            raise
+
+
+@contextlib.contextmanager
+def _kernel_env(sidecar: Path, progress: Path, name: str):
+    """The kernel's environment (it inherits ours) while it runs, and the relay of its progress."""
+    old = {k: os.environ.get(k) for k in (SIDECAR_ENV, PROGRESS_ENV)}
+    progress.unlink(missing_ok=True)
+    os.environ[SIDECAR_ENV] = str(sidecar)
+    os.environ[PROGRESS_ENV] = str(progress)  # its phases, printed by the relay
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the book's pages
+    stop = threading.Event()
+    relayer = threading.Thread(target=relay, args=(progress, f"  {name}: ", stop), daemon=True)
+    relayer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        relayer.join()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

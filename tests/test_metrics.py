@@ -143,3 +143,18 @@ def test_interp_log_l0_errors():
         interp_log_l0([2.0, 2.0], [1.0, 2.0], 2.0)
     with pytest.raises(ValueError, match="max_ratio"):
         interp_log_l0([1.0, 2.0], [1.0, 2.0], 1.5, max_ratio=0.5)
+
+
+def test_other_metrics_reject_undefined_inputs():
+    from sae_repro.metrics import ce_loss_recovered, dead_fraction, feature_density, l0
+
+    for f in (l0, feature_density):
+        with pytest.raises(ValueError, match="n_tokens >= 1"):
+            f(torch.zeros(0, 4))
+        with pytest.raises(ValueError, match="NaN"):
+            f(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="empty"):
+        dead_fraction(torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="finite"):
+        ce_loss_recovered(2.0, float("nan"), 5.0)
+    assert math.isnan(ce_loss_recovered(2.0, 2.5, 2.0))  # no gap to recover: undefined, said as NaN

@@ -39,3 +39,36 @@ def test_default_is_real_smollm2():
     uniform = math.log(m.cfg.d_vocab)  # ~10.8 nats: what a random model scores at best
     print(f"held-out loss {loss:.3f} nats/token vs {uniform:.2f} for a uniform predictor")
     assert loss < 0.5 * uniform
+
+
+def test_embedded_model_shapes_match_the_models():
+    """Parameters are checked against these shapes before a kernel starts (profiles.setting_errors)."""
+    from sae_repro.registry import EMBEDDED_MODEL_SHAPES
+
+    m = load_model("tiny-random")
+    assert EMBEDDED_MODEL_SHAPES["tiny-random"] == {"d_model": m.cfg.d_model, "n_layers": m.cfg.n_layers}
+
+
+@pytest.mark.slow
+def test_damaged_converted_model_is_converted_again(isolated_cache):
+    """The converted SmolLM2 carries checksums: a damaged file is found on load and reconverted."""
+    import shutil
+
+    from sae_repro.models import _converted_dir
+    from sae_repro.registry import EMBEDDED_MODEL_SHAPES
+
+    real = _converted_dir()
+    load_model(DEFAULT_MODEL)  # converts into the real cache if needed
+    (isolated_cache / "models").unlink()  # a private copy to damage
+    shutil.copytree(real, _converted_dir())
+    m = load_model(DEFAULT_MODEL)
+    assert EMBEDDED_MODEL_SHAPES[DEFAULT_MODEL] == {"d_model": m.cfg.d_model, "n_layers": m.cfg.n_layers}
+    tokens = torch.tensor([[1, 504, 3575, 282]])
+    want = m(tokens)
+    weights = _converted_dir() / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="model.safetensors does not match its checksum"):
+        again = load_model(DEFAULT_MODEL)
+    torch.testing.assert_close(again(tokens), want)

@@ -100,6 +100,7 @@ def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_sta
     assert cli.main(["run", "--profile", "ci", "-p", "beta_scale", "1000", "--jobs", "2"]) == 1
     err = capsys.readouterr().err
     assert "notebook beta failed in cell 3 (ValueError: boom)" in err
+    assert 'cell 3: line ' in err and 'raise ValueError("boom")' in err  # the line that raised
     assert png.read_bytes() == before  # the previous figure is kept ...
     manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
     assert manifest["beta-fig"]["stale"] is True  # ... and marked stale
