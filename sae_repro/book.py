@@ -319,6 +319,8 @@ def _rst_problems(text: str) -> list[str]:
     try:
         doc = publish_doctree(text, settings_overrides={"report_level": 5, "halt_level": 5,
                                                         "warning_stream": io.StringIO()})
+    except Exception as e:  # a construct only Sphinx can resolve (its roles need the build's env)
+        return [f"docutils alone cannot parse it ({type(e).__name__})"]
     finally:
         if default is not None:
             roles._roles[""] = default

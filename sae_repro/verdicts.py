@@ -170,7 +170,7 @@ def across_layers(verdicts: Sequence[str | Verdict]) -> Verdict:
 def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[float]) -> Verdict:
     """"The nonlinear error causes a share of the CE increase proportional to its size." Per width:
     the nonlinear error's share of the SAE's CE increase and of its FVU (a NaN CE share, where the
-    SAE does not raise the CE, does not count). reproduced: |CE - variance share| <=
+    SAE does not raise the CE, does not count). reproduced: abs(CE share - variance share) <=
     DOWNSTREAM_TOLERANCE at every width; partly: at half of them."""
     gap = np.abs(_floats(ce_share, "ce_share") - _floats(variance_share, "variance_share"))
     return Verdict(_counted(int((gap <= DOWNSTREAM_TOLERANCE).sum()), len(gap)),
@@ -189,7 +189,7 @@ def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]
 def pursuit_slight(relative_decrease: Sequence[float]) -> Verdict:
     """"Gradient pursuit reduces the nonlinear error only very slightly." Per width: 1 - nonlinear
     FVU with pursuit / with the SAE's encoder. reproduced: 0 <= decrease < PURSUIT_SLIGHT at every
-    width; partly: |change| below it everywhere (but not a decrease everywhere)."""
+    width; partly: abs(change) below it everywhere (but not a decrease everywhere)."""
     r = _floats(relative_decrease, "relative_decrease")
     if ((r >= 0) & (r < PURSUIT_SLIGHT)).all():
         return Verdict("reproduced", _PURSUIT_WHY)
@@ -221,7 +221,7 @@ def synthetic_noise(activation_to_linear: float, reconstruction_to_nonlinear: fl
                     activation_to_nonlinear: float, reconstruction_to_linear: float) -> Verdict:
     """"Planted noise lands where it should": correlations of each planted noise scale with the
     estimated linear / nonlinear error. reproduced: both diagonal > SYNTHETIC_DIAGONAL and both
-    |off-diagonal| < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY."""
+    abs(off-diagonal) < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY."""
     diag = min(activation_to_linear, reconstruction_to_nonlinear)
     off = max(abs(activation_to_nonlinear), abs(reconstruction_to_linear))
     verdict = ("reproduced" if diag > SYNTHETIC_DIAGONAL and off < SYNTHETIC_OFF_DIAGONAL else

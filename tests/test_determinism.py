@@ -9,6 +9,8 @@ import importlib.util
 import shutil
 from pathlib import Path
 
+import pytest
+
 from sae_repro import pipeline
 from sae_repro.cache import cache_dir
 
@@ -19,7 +21,7 @@ _spec.loader.exec_module(compare)
 NOTEBOOKS = ["dark_matter_synthetic", "dark_matter_downstream"]
 
 
-def _fresh_run(root: Path, monkeypatch) -> Path:
+def _fresh_run(root: Path, monkeypatch, notebooks: list[str] | None = NOTEBOOKS) -> Path:
     real = cache_dir()
     (root / "cache").mkdir(parents=True)
     for sub in ("pypi", "corpus", "models"):  # registry downloads only: no store, no SAE
@@ -28,13 +30,17 @@ def _fresh_run(root: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SAE_REPRO_CACHE", str(root / "cache"))
     monkeypatch.setenv("SAE_REPRO_EXECUTED", str(root / "executed"))
     monkeypatch.delenv("SAE_REPRO_FIGURES", raising=False)
-    pipeline.run("ci", only=NOTEBOOKS)
+    pipeline.run("ci", only=notebooks, jobs=1)
     return root / "cache" / "figures" / "ci"
 
 
-def test_two_fresh_runs_give_identical_figure_data(tmp_path, monkeypatch):
-    first = _fresh_run(tmp_path / "a", monkeypatch)
-    second = _fresh_run(tmp_path / "b", monkeypatch)
+@pytest.mark.parametrize("notebooks", [
+    pytest.param(NOTEBOOKS, id="two-notebooks"),
+    pytest.param(None, marks=pytest.mark.slow, id="every-notebook"),  # the whole ci profile: ~8 min
+])
+def test_two_fresh_runs_give_identical_figure_data(tmp_path, monkeypatch, notebooks):
+    first = _fresh_run(tmp_path / "a", monkeypatch, notebooks)
+    second = _fresh_run(tmp_path / "b", monkeypatch, notebooks)
     assert sorted(p.name for p in first.glob("*.csv")) == sorted(p.name for p in second.glob("*.csv"))
     assert len(list(first.glob("*.csv"))) >= 4
     assert compare.compare_dirs(first, second, tol=0.0) == []
