@@ -57,7 +57,7 @@ def test_damaged_converted_model_is_converted_again(isolated_cache):
     from sae_repro.models import _converted_dir
     from sae_repro.registry import EMBEDDED_MODEL_SHAPES
 
-    real = _converted_dir()
+    real = _converted_dir().resolve()  # through the symlink into the real cache
     load_model(DEFAULT_MODEL)  # converts into the real cache if needed
     (isolated_cache / "models").unlink()  # a private copy to damage
     shutil.copytree(real, _converted_dir())
