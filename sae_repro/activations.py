@@ -212,7 +212,8 @@ def _write_shard(model: HookedTransformer, ctx: Tensor, start: int, spec: Activa
     out["position"] = torch.arange(spec.drop_first, spec.ctx_len - 1).repeat(len(ctx))
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in out.items()}, tmp)
-    write_json(path.with_suffix(".json"), {"sha256": sha256_file(path), "n_tokens": len(out["tokens"])})
+    # memo: the notebook's record_input verifies the new store right after; it need not reread it
+    write_json(path.with_suffix(".json"), {"sha256": sha256_file(path, memo=True), "n_tokens": len(out["tokens"])})
 
 
 def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:

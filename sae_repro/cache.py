@@ -111,7 +111,7 @@ def write_checksums(folder: Path) -> None:
     folder = Path(folder)
     sums = {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != CHECKSUMS_FILE}
-    (Path(folder) / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
+    (folder / CHECKSUMS_FILE).write_text(json.dumps(sums, indent=1, sort_keys=True))
 
 
 def folder_problem(folder: Path) -> str | None:
