@@ -346,13 +346,18 @@ def test_least_squares_agrees_with_lstsq_and_is_bit_reproducible():
     assert all(torch.equal(runs[0], r) for r in runs)  # the same bits, whatever the thread count
 
 
-def test_least_squares_with_collinear_columns_matches_lstsq_predictions():
+@pytest.mark.parametrize("seed", range(8))
+def test_least_squares_with_collinear_columns_gives_the_projection(seed):
+    """With columns that are exact combinations of others, the prediction is the projection of y
+    on A's column space (known here from a QR of the independent columns). LAPACK's lstsq is not a
+    usable reference for this case: on this machine it missed it by 16-69% on about half the seeds."""
     from sae_repro.decomposition import least_squares
 
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     base = torch.randn(500, 6, generator=g, dtype=torch.float64)
-    A = torch.cat([base, base[:, :2] * 2.0 - base[:, 2:3]], 1)  # 3 columns are combinations of others
+    A = torch.cat([base, base[:, :2] * 2.0 - base[:, 2:3]], 1)  # 2 columns are combinations of others
     y = torch.randn(500, 3, generator=g, dtype=torch.float64)
-    ref = A @ torch.linalg.lstsq(A, y, rcond=1e-9).solution
+    q, _ = torch.linalg.qr(base)
+    projection = q @ (q.T @ y)
     pred = A @ least_squares(A, y)
-    assert float((pred - ref).norm() / ref.norm()) < 1e-6
+    assert float((pred - projection).norm() / projection.norm()) < 1e-6
