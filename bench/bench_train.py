@@ -36,6 +36,7 @@ import torch
 
 from sae_repro.activations import ActivationSpec, collect
 from sae_repro.metrics import fvu
+from sae_repro.optim import Adam
 from sae_repro.precision import native_bf16
 from sae_repro.train import TrainConfig, _permutation, evaluate, train_sae, train_step
 
@@ -180,7 +181,7 @@ def step_runner(x: torch.Tensor, cfg: TrainConfig) -> Callable[[], None]:
 
     sae = SparseAutoencoder(cfg.sae_config(x.shape[1]), seed=0)
     sae.init_b_dec(x[:16384].float())
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(sae.cfg.n_latents), fused=True)
+    opt = Adam(sae.parameters(), lr=cfg.resolved_lr(sae.cfg.n_latents))
     dead = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)  # AuxK on, no latent dead (as in the runs)
     B = cfg.batch_size
     xb = [x[i * B:(i + 1) * B].float() for i in range(min(8, max(1, len(x) // B)))]

@@ -142,6 +142,7 @@ class SparseAutoencoder(nn.Module):
         if cfg.rule == "jumprelu":
             self.register_buffer("threshold", torch.full((L,), cfg.threshold or 0.0))
         self._zipf_cache: dict[int, Tensor] = {}
+        self._pre_buffer: Tensor | None = None  # encode_sparse(reuse=True) writes pre here
 
     # --------------------------------------------------------------------- checks and helpers
 
@@ -253,15 +254,17 @@ class SparseAutoencoder(nn.Module):
         return codes.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor, grad: Tensor | None = None, *, path: str | None = None,
-                bf16: bool = False, validate: bool = True) -> tuple[Tensor, Tensor] | ForwardOutput:
+                bf16: bool = False, validate: bool = True,
+                reuse: bool = False) -> tuple[Tensor, Tensor] | ForwardOutput:
         """(x_hat [n, d_in], codes [n, n_latents]) by `encode` + `decode`.
 
         path="sparse" / "dense" returns the training `ForwardOutput` of `forward_sparse` /
         `forward_dense` instead (through forward, so a DDP wrapper sees the training computation).
-        validate=False skips the input checks (one pass over x) for data checked once up front.
+        validate=False skips the input checks (one pass over x) for data checked once up front;
+        reuse=True (sparse path) lets the pre-activations overwrite the previous call's.
         """
         if path == "sparse":
-            return self.forward_sparse(x, grad, bf16=bf16, validate=validate)
+            return self.forward_sparse(x, grad, bf16=bf16, validate=validate, reuse=reuse)
         if path == "dense":
             return self.forward_dense(x, grad, bf16=bf16, validate=validate)
         if path is not None:
@@ -303,12 +306,38 @@ class SparseAutoencoder(nn.Module):
             return select_pairs(pre, "mutual_choice", k=cfg.k)
         return select_pairs(pre, "feature_choice", capacity=self.capacities(pre.shape[0]))
 
+    def _encoder_matmul(self, x_c: Tensor, bf16: bool, reuse: bool) -> Tensor:
+        """pre = x_c @ W_enc + b_enc, no autograd -> [n, L] (bf16 if `bf16`, as autocast gives).
+
+        bf16: pre stays bf16 (an fp32 copy of [n, L] costs more than the AMX matmul itself);
+        selection runs on it and the selected values are upcast. reuse: write into a [n, L]
+        buffer kept on the module across calls instead of a fresh tensor: a fresh 75 MB output
+        at n=4096, 4608 latents is page-faulted in on every call, ~20% of the matmul's time on
+        CPU (bench/README.md). The previous call's pre is then overwritten.
+        """
+        dt = torch.bfloat16 if bf16 else self.W_enc.dtype
+        b, x_c, W = self.b_enc.to(dt), x_c.to(dt), self.W_enc.to(dt)  # the casts autocast makes
+        # Feature Choice selects along tokens: compute pre^T [L, n] (pre^T = W_enc^T x_c^T + b)
+        # and return its transposed view, instead of a transposed copy of pre (100 ms at n=4096)
+        latent_major = self.cfg.rule == "feature_choice" and not self._use_threshold()
+        shape = (self.cfg.n_latents, x_c.shape[0]) if latent_major else (x_c.shape[0], self.cfg.n_latents)
+        buf = None
+        if reuse:
+            buf = self._pre_buffer
+            if buf is None or buf.shape != shape or buf.dtype != dt or buf.device != x_c.device:
+                buf = self._pre_buffer = torch.empty(shape, dtype=dt, device=x_c.device)
+        if latent_major:
+            return torch.addmm(b[:, None], W.t(), x_c.t(), out=buf).t()
+        return torch.addmm(b, x_c, W, out=buf)
+
     def encode_sparse(self, x: Tensor, latent_grad_from: Tensor | None = None, *, bf16: bool = False,
-                      validate: bool = True) -> tuple[SparseCodes, Tensor, Callable[[Tensor], Tensor]]:
+                      validate: bool = True,
+                      reuse: bool = False) -> tuple[SparseCodes, Tensor, Callable[[Tensor], Tensor]]:
         """Fast encode -> (SparseCodes, pre [n, L] detached, pre_cols).
 
-        Same codes as `encode`. The encoder matmul runs under bf16 autocast if `bf16`; the values
-        then carry bf16 rounding but their gradients are exact fp32 sparse products.
+        Same codes as `encode`. The encoder matmul runs in bf16 if `bf16` (as under autocast); the
+        values then carry bf16 rounding but their gradients are exact fp32 sparse products.
+        reuse=True writes pre into a buffer the next call overwrites (the training step's use).
         pre_cols(cols [j]) -> pre[:, cols] [n, j] recomputed with autograd (same autocast): the
         auxiliary losses use it for the dead latents, whose top-k_aux per token are too many
         (k_aux ~ d/2) for the pair kernels to beat a matmul on that column block.
@@ -321,10 +350,7 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         with torch.no_grad():
             x_c = x - self.b_dec if use_b_dec else x
-            # bf16: pre stays bf16 (bias fused in the matmul; an fp32 copy of [n, L] costs
-            # more than the AMX matmul itself), selection runs on it, values are upcast
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-                pre = torch.addmm(self.b_enc, x_c, self.W_enc)
+            pre = self._encoder_matmul(x_c, bf16, reuse)
             pre_vals, idx, bag, offsets = self._select(pre, latent_grad_from, bf16)
         vals = GatherPre.apply(pre_vals.float(), x, self.W_enc, self.b_enc, self.b_dec, x_c, idx,
                                 offsets, bag, use_b_dec)
@@ -340,9 +366,9 @@ class SparseAutoencoder(nn.Module):
         return codes, pre, pre_cols
 
     def forward_sparse(self, x: Tensor, grad: Tensor | None = None, *, bf16: bool = False,
-                       validate: bool = True) -> ForwardOutput:
+                       validate: bool = True, reuse: bool = False) -> ForwardOutput:
         """encode_sparse + embedding_bag decode -> ForwardOutput(x_hat, codes, pre, pre_cols, bf16)."""
-        codes, pre, pre_cols = self.encode_sparse(x, grad, bf16=bf16, validate=validate)
+        codes, pre, pre_cols = self.encode_sparse(x, grad, bf16=bf16, validate=validate, reuse=reuse)
         return ForwardOutput(self.decode(codes), codes, pre, pre_cols, bf16)
 
     # --------------------------------------------------------------------- training helpers

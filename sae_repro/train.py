@@ -66,6 +66,7 @@ from sae_repro.cache import atomic_path
 from sae_repro.kernels import SparseCodes
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
+from sae_repro.optim import Adam
 from sae_repro.precision import resolve_bf16
 from sae_repro.progress import Progress
 from sae_repro.sae import BATCH_RULES, BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder
@@ -218,7 +219,7 @@ def calibrate_threshold(sae: SparseAutoencoder, x: Tensor, batch_size: int, max_
         for i in range(min(max_batches, n // batch_size)):
             sae.ema.decay = i / (i + 1)  # EMA with this decay = running mean
             batch = x[i * batch_size:(i + 1) * batch_size].to(sae.W_enc.device).float()
-            sae.encode(batch)  # a batch rule in training mode updates the EMA
+            sae.encode_sparse(batch)  # a batch rule in training mode updates the EMA
     finally:
         sae.ema.decay = decay
         sae.train(was_training)
@@ -236,7 +237,8 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor
     sae = _unwrap(model)
     world = dist.get_world_size() if isinstance(model, DDP) else 1
     opt.zero_grad(set_to_none=True)
-    out = model(batch, grad, path="sparse" if cfg.sparse else "dense", bf16=cfg.bf16, validate=validate)
+    out = model(batch, grad, path="sparse" if cfg.sparse else "dense", bf16=cfg.bf16, validate=validate,
+                reuse=cfg.sparse)  # the step's pre-activations are dead once it returns
     if world == 1:
         recon = mse(batch, out.x_hat)
     else:  # batch is this rank's shard: normalise by the global batch's variance (see module doc)
@@ -458,8 +460,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     dev = torch.device(cfg.device)
     sae = _new_sae(x, cfg, hook, init).to(dev)
     L = sae.cfg.n_latents
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas,
-                           eps=cfg.adam_eps, fused=True)
+    opt = Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas, eps=cfg.adam_eps)
     sched = LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.decay_fraction))
     stats, history, step = _LatentStats.zeros(L), [], 0
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -511,6 +512,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     if world > 1:  # DDP broadcasts buffers from rank 0 before each forward: end on rank 0's too
         for buf in sae.buffers():
             dist.broadcast(buf, 0)
+    sae._pre_buffer = None  # the step's workspace (encode_sparse(reuse=True)): free it
     calibrate_threshold(sae, x, B)  # batch rules: infer at the training budget (others: nothing)
     return sae.eval(), history
 

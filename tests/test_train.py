@@ -270,20 +270,60 @@ def test_aux_k_revives_dead_latents():
     assert max(r["aux"] for r in hist) > 0
 
 
-def test_sparse_and_dense_steps_agree():
-    c_sparse, c_dense = cfg(), cfg(sparse=False)
+STEP_RULES = [dict(rule="topk"), dict(rule="gradient_topk", beta=2.0), dict(rule="mutual_choice"),
+              dict(rule="feature_choice"), dict(rule="feature_choice", capacity="zipf")]
+
+
+@pytest.mark.parametrize("kw", STEP_RULES, ids=lambda kw: "-".join(map(str, kw.values())))
+def test_optimised_steps_train_the_same_sae_as_dense_autograd(kw):
+    """The sparse step (pair kernels, reused pre buffer, latent-major Feature Choice matmul, our
+    Adam) against plain dense autograd with torch's Adam: 6 steps with AuxK on, same weights."""
+    from sae_repro.optim import Adam
+
+    c_sparse, c_dense = cfg(**kw), cfg(sparse=False, **kw)
     a = SparseAutoencoder(c_sparse.sae_config(D), seed=0)
     a.init_b_dec(X)
     b = SparseAutoencoder(c_dense.sae_config(D), seed=0)
     b.load_state_dict(a.state_dict())
     dead = torch.zeros(ATOMS, dtype=torch.bool)
     dead[::3] = True  # exercise AuxK on both paths
-    for sae, c in ((a, c_sparse), (b, c_dense)):
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-        out = train_step(sae, opt, X[:256], c, dead_mask=dead)
-        assert float(out["aux"]) > 0
+    grads = torch.randn(X.shape, generator=torch.Generator().manual_seed(1)) if kw["rule"] == "gradient_topk" else None
+    runs = ((a, c_sparse, Adam(a.parameters(), lr=1e-3)), (b, c_dense, torch.optim.Adam(b.parameters(), lr=1e-3)))
+    for sae, c, opt in runs:
+        for i in range(6):
+            rows = slice(256 * i, 256 * (i + 1))
+            out = train_step(sae, opt, X[rows], c, dead_mask=dead, grad=None if grads is None else grads[rows])
+            assert float(out["aux"]) > 0
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-4, msg=name)
+    if kw["rule"] in ("mutual_choice", "feature_choice"):
+        assert_close(a.ema.threshold, b.ema.threshold, atol=1e-5, rtol=1e-4)
+
+
+def test_our_adam_is_torch_adam_bit_for_bit_on_a_transposed_parameter():
+    from sae_repro.optim import Adam
+
+    w0 = torch.randn(48, 16).t().clone()  # [16, 48] stored latent-major, like W_enc
+    assert not w0.is_contiguous()
+    ps = [torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())]
+    opts = [Adam([ps[0]], lr=1e-2), torch.optim.Adam([ps[1]], lr=1e-2, fused=True)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        grad = torch.randn(48, 16, generator=g).t()  # the gradient in the parameter's layout
+        for p, opt in zip(ps, opts):
+            p.grad = grad.clone()
+            opt.step()
+    assert torch.equal(ps[0], ps[1])
+    assert ps[0].stride() == w0.stride()
+    assert torch.equal(opts[0].state[ps[0]]["exp_avg_sq"], opts[1].state[ps[1]]["exp_avg_sq"])
+
+
+def test_reused_pre_buffer_is_recomputed_each_call():
+    sae = SparseAutoencoder(cfg().sae_config(D), seed=0)
+    first = sae.forward_sparse(X[:256], reuse=True).pre.clone()
+    second = sae.forward_sparse(X[256:512], reuse=True).pre
+    assert_close(first, sae.pre_acts(X[:256]))
+    assert_close(second, sae.pre_acts(X[256:512]))
 
 
 def test_ddp_single_rank_is_bit_identical(tmp_path):
