@@ -6,8 +6,10 @@ Runs, each in a fresh subprocess (so peak memory is per configuration) and a fre
   full-bf16 : the same under bf16 autocast (only where bf16 is native: AMX / AVX512-BF16;
               emulated on an AVX2-only CPU it is ~7x slower than fp32 and is skipped)
   grad      : activations + loss + d(loss)/d(activation) (forward + backward; --with-grad)
-and prints tokens/s, peak RSS, the share of time saved by stopping at the layer, and the mean
-next-token loss of fp32 vs bf16 autocast.
+and prints tokens/s, peak RSS, the share of time saved by stopping at the layer, the mean
+next-token loss of fp32 vs bf16 autocast, and each configuration's share of the forward's FLOP
+roofline: the tokens/s the model's matmuls would allow if each ran at the speed this machine
+gives that matmul's own shape (timed in the same run, in the configuration's precision).
 
     .venv/bin/python bench/bench_activations.py [--n-tokens 100000] [--layer 15] [--with-grad]
 """
@@ -50,6 +52,41 @@ def child(name: str, n_tokens: int, layer: int) -> None:
                       "peak_rss_mb": peak_mb, "mean_loss": loss, "threads": torch.get_num_threads()}))
 
 
+def forward_matmuls(cfg, n_blocks: int, ctx: int, unembed: bool) -> list[tuple[str, int, int, int, int]]:
+    """The matmuls of a forward over `n_blocks` blocks (+ the unembedding), per context of `ctx`
+    tokens, as (what, count, m, k, n): [m, k] x [k, n] products. Llama-style blocks (GQA
+    attention as TransformerLens computes it: full [ctx, ctx] scores per head; gated MLP)."""
+    d, h, dh, kv, f = cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads or cfg.n_heads, cfg.d_mlp
+    mats = [("W_Q, W_O", 2 * n_blocks, ctx, d, h * dh), ("W_K, W_V", 2 * n_blocks, ctx, d, kv * dh),
+            ("QK^T, AV", 2 * n_blocks * h, ctx, dh, ctx),
+            ("MLP in, gate, out", (3 if cfg.gated_mlp else 2) * n_blocks, ctx, d, f)]
+    return mats + ([("unembed", 1, ctx, d, cfg.d_vocab)] if unembed else [])
+
+
+def roofline_tokens_per_s(cfg, n_blocks: int, ctx: int, batch: int, unembed: bool, dtype,
+                          rounds: int = 5) -> tuple[float, float]:
+    """The forward's tokens/s if every matmul ran at the speed this machine gives that matmul's
+    own shape (timed here, batched over `batch` contexts as the collector runs them, best of
+    `rounds`) and nothing else cost anything -> (tokens/s, GFLOP per token)."""
+    import torch
+
+    seconds, flops = 0.0, 0.0
+    for _, count, m, k, n in forward_matmuls(cfg, n_blocks, ctx, unembed):
+        a, b = torch.randn(batch, m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        best = min(_timed(lambda: a @ b) for _ in range(rounds))
+        seconds += count * best
+        flops += count * 2 * m * k * n
+    tokens = batch * ctx
+    return tokens / seconds, flops / batch / ctx / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-tokens", type=int, default=100_000)
@@ -88,6 +125,21 @@ def main() -> None:
             r = rows[name]
             print(f"{name:10s} {r['tokens_per_s']:8.0f} tok/s  {r['seconds']:7.1f} s  "
                   f"peak RSS {r['peak_rss_mb']:6.0f} MB  loss {r['mean_loss']}", flush=True)
+    import torch
+
+    from sae_repro.models import load_model
+
+    cfg = load_model().cfg
+    spec = ActivationSpec(hooks=(f"blocks.{args.layer}.hook_resid_post",), n_tokens=100)
+    print(f"\nroofline: the forward's matmuls at this machine's speed for their shapes "
+          f"({spec.batch_contexts} contexts of {spec.ctx_len} tokens a batch, as collected), nothing else:")
+    for name, r in rows.items():
+        n_blocks = args.layer + 1 if name == "stop" else cfg.n_layers
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        roof, gflop = roofline_tokens_per_s(cfg, n_blocks, spec.ctx_len, spec.batch_contexts, name != "stop", dtype)
+        extra = " (+ the backward's matmuls, ~2x: share of the forward's roofline only)" if name == "grad" else ""
+        print(f"  {name:10s} {gflop:5.3f} GFLOP/token, roofline {roof:7.0f} tok/s; collected at "
+              f"{r['tokens_per_s']:6.0f} tok/s = {r['tokens_per_s'] / roof:5.1%} of it{extra}")
     saved = 1 - rows["stop"]["seconds"] / rows["full"]["seconds"]
     print(f"stopping at layer {args.layer} of 30 saves {saved:.0%} of the full forward's time")
     if "full-bf16" in rows:

@@ -1,19 +1,24 @@
-"""Benchmark: training a TopK SAE, ours (`sae_repro.train`) against SAELens' `SAETrainer`.
+"""Benchmark: training a TopK SAE, ours (`sae_repro.train`) against SAELens' `SAETrainer` and
+EleutherAI's sparsify (`eai-sparsify`, `pip install -c constraints.txt -e .[bench]`).
 
 One process, identical activations (the default model's layer-15 residual stream, bf16 store),
-the same token order (our seeded permutation, fed to SAELens as an iterator of batches), the same
+the same token order (our seeded permutation, fed to each peer batch by batch), the same
 number of tokens, lr, Adam betas and schedule (warmup 5%, linear decay to 0 over the last 20%).
 What the libraries do differently and keep: SAELens clips the gradient norm to 1, starts b_dec at
 0 and the decoder rows at norm 0.1, rescales the TopK by the decoder norms, and uses an
-unnormalised MSE; we start b_dec at the geometric median, keep unit decoder rows and normalise
-the MSE by the batch variance. Both have AuxK on (no latent dies within a few hundred k tokens).
+unnormalised MSE; sparsify starts b_dec at the batch mean and steps torch's default (foreach)
+Adam, as its Trainer does; we start b_dec at the geometric median. Ours and sparsify keep unit
+decoder rows and normalise the MSE by the batch variance. All have AuxK on (no latent dies
+within a few hundred k tokens). sparsify's Trainer computes activations from a HF model on the
+fly, so its training step is driven here the way `sparsify/trainer.py` (1.3.3) `fit()` does it.
 
 Printed, per variant: tokens/s of whole training runs (best and median over --repeats runs,
 variants alternating), FVU and L0 on held-out activations (split="test"; `sae_repro.metrics.fvu`
-for both), peak RSS and its rise during the run. Then our TopK step's achieved FLOP/s (necessary
-FLOPs, formula printed) as a share of this machine's dense matmul FLOP/s on the encoder's shapes,
-steps and matmuls timed alternating call by call in the same run; Mutual and Feature Choice
-(ours) relative to TopK; and a torch.profiler table of our bf16 TopK step (which ops take the time).
+for all), peak RSS and its rise during the run; the ratios ours / sparsify and ours / SAELens.
+Then, at each of --step-batches (1024, 4096), one training step of ours (TopK, Mutual Choice,
+Feature Choice) and of sparsify against the encoder's dense [B, d] x [d, n] matmul, steps and
+matmuls timed alternating call by call; and a torch.profiler table of our TopK step (which ops
+take the time).
 
     .venv/bin/python bench/bench_train.py                           # 300k tokens, smollm2-135m
     .venv/bin/python bench/bench_train.py --model tiny-random --n-tokens 40000 --repeats 1   # smoke
@@ -38,7 +43,7 @@ from sae_repro.activations import ActivationSpec, collect
 from sae_repro.metrics import fvu
 from sae_repro.optim import Adam
 from sae_repro.precision import native_bf16
-from sae_repro.train import TrainConfig, _permutation, evaluate, train_sae, train_step
+from sae_repro.train import TrainConfig, _permutation, evaluate, lr_factor, train_sae, train_step
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -160,6 +165,61 @@ def run_sae_lens(x: torch.Tensor, args, cfg: TrainConfig, autocast: bool) -> tup
     return sae, time.perf_counter() - t0
 
 
+def sparsify_step(d: int, args, cfg: TrainConfig, total: int, bf16: bool) -> tuple[Any, Callable[[torch.Tensor], None]]:
+    """sparsify's SAE and one step of its Trainer.fit() on a batch: unit decoder rows, forward
+    (fused encoder + embedding_bag decoder, FVU and AuxK losses), backward, the decoder-parallel
+    gradient removed, torch Adam (default, as its Trainer builds it), zero_grad, lr schedule
+    (ours, for the same lr each step). b_dec is set to the first batch's mean, as fit() does."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    L = cfg.resolved_n_latents(d)
+    torch.manual_seed(0)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=L, k=args.k), device="cpu", dtype=torch.float32)
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas)
+    warmup = min(1000, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.decay_fraction))
+    since_fired = torch.zeros(L, dtype=torch.long)
+    state = {"step": 0}
+
+    def step(xb: torch.Tensor) -> None:
+        if state["step"] == 0:
+            sae.b_dec.data = xb.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        dead = since_fired > cfg.dead_window_tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = sae(xb, dead_mask=dead)
+        (out.fvu + cfg.aux_coef * out.auxk_loss).backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        with torch.no_grad():
+            fired = torch.zeros(L, dtype=torch.bool)
+            fired[out.latent_indices.flatten()] = True
+            since_fired.add_(len(xb)).masked_fill_(fired, 0)
+        state["step"] += 1
+
+    return sae, step
+
+
+def run_sparsify(x: torch.Tensor, args, cfg: TrainConfig, bf16: bool) -> tuple[Any, float]:
+    n, d = x.shape
+    total = max(1, int(cfg.epochs * (n // args.batch_size)))
+    sae, step = sparsify_step(d, args, cfg, total, bf16)
+    data = batches(x, args.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(total):
+        step(next(data))
+    sae.set_decoder_norm_to_unit_norm()
+    return sae, time.perf_counter() - t0
+
+
+@torch.no_grad()
+def heldout_sparsify(sae, x: torch.Tensor, B: int = 4096) -> dict[str, float]:
+    x_hats = [sae(x[i:i + B].float()).sae_out for i in range(0, len(x), B)]
+    return {"fvu": fvu(x.float(), torch.cat(x_hats)), "l0": float(sae.cfg.k)}
+
+
 @torch.no_grad()
 def heldout_sae_lens(sae, x: torch.Tensor, B: int = 4096) -> dict[str, float]:
     sae.eval()
@@ -193,6 +253,52 @@ def step_runner(x: torch.Tensor, cfg: TrainConfig) -> Callable[[], None]:
     return step
 
 
+def sparsify_step_runner(x: torch.Tensor, args, cfg: TrainConfig, bf16: bool) -> Callable[[], None]:
+    """The same for sparsify's step (on the same 8 batches)."""
+    B = args.batch_size
+    _, step = sparsify_step(x.shape[1], args, cfg, 10**6, bf16)
+    xb = [x[i * B:(i + 1) * B].float() for i in range(min(8, max(1, len(x) // B)))]
+    count = iter(range(10**9))
+    return lambda: step(xb[next(count) % len(xb)])
+
+
+def step_table(x: torch.Tensor, args, B: int, precisions: tuple[str, ...]) -> None:
+    """Seconds per step of ours (every rule) and sparsify against the encoder's dense
+    [B, d] x [d, n] matmul, all timed call by call alternating. The target is set against the
+    matmul kernel alone (`mm(out=)`, the way our step calls it); `a @ b` (a fresh output, the
+    way a plain addmm gets it) is printed beside it."""
+    d, L = x.shape[1], args.expansion * x.shape[1]
+    step_args = argparse.Namespace(**{**vars(args), "batch_size": B})
+    fns = matmul_runners(B, d, L, precisions)
+    for p in precisions:
+        for rule in ("topk", "mutual_choice", "feature_choice"):
+            fns[f"ours {rule} {p}"] = step_runner(x, our_cfg(step_args, rule, p == "bf16"))
+        if not args.no_sparsify:
+            fns[f"sparsify topk {p}"] = sparsify_step_runner(x, step_args, our_cfg(step_args, "topk", False),
+                                                             p == "bf16")
+    ts = interleaved(fns, args.step_rounds)
+    best = {k: min(v) for k, v in ts.items()}
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    print(f"\nsteps at batch {B} (d {d}, {L} latents, k {args.k}; {args.step_rounds} rounds, alternating):")
+    for p in precisions:
+        mm = f"matmul {p} out="
+        for name in ts:
+            if name.endswith(p) or name.endswith(f"{p} out="):
+                print(f"  {name:26s} {best[name] * 1e3:7.1f} ms best {med[name] * 1e3:7.1f} ms median  = "
+                      f"{best[name] / best[mm]:5.2f}x / {med[name] / med[mm]:5.2f}x the matmul (out=)")
+        top = f"ours topk {p}"
+        print(f"  ours topk {p} step / its encoder matmul: {best[top] / best[mm]:.2f}x best, "
+              f"{med[top] / med[mm]:.2f}x median (target <= 2x)")
+        for rule, target in (("mutual_choice", 0.95), ("feature_choice", 0.8)):
+            v = f"ours {rule} {p}"
+            print(f"  ours {rule} tokens/s / topk's: {best[top] / best[v]:.2f} best, "
+                  f"{med[top] / med[v]:.2f} median (target >= {target})")
+        if not args.no_sparsify:
+            v = f"sparsify topk {p}"
+            print(f"  ours topk / sparsify tokens/s per step: {best[v] / best[top]:.2f}x best, "
+                  f"{med[v] / med[top]:.2f}x median (target >= 2x)")
+
+
 def profile_step(x: torch.Tensor, cfg: TrainConfig, n_steps: int = 5, rows: int = 20) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -222,8 +328,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="training runs per variant (alternating)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step-rounds", type=int, default=12, help="timed steps / matmuls per kind (alternating)")
+    ap.add_argument("--step-batches", type=int, nargs="+", default=[1024, 4096],
+                    help="batch sizes of the step-vs-matmul tables")
     ap.add_argument("--no-sae-lens", action="store_true")
+    ap.add_argument("--no-sparsify", action="store_true")
     args = ap.parse_args()
+    if not args.no_sparsify:
+        try:
+            import sparsify  # noqa: F401
+        except ImportError:
+            raise SystemExit("sparsify is not installed: `.venv/bin/pip install -c constraints.txt -e .[bench]` "
+                             "(or pass --no-sparsify)")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -257,6 +372,10 @@ def main() -> None:
         f"ours topk {p}": (lambda p=p: run_ours(x, our_cfg(args, "topk", p == "bf16"))) for p in precisions}
     for rule in ("mutual_choice", "feature_choice"):
         variants[f"ours {rule} {fast}"] = lambda rule=rule: run_ours(x, our_cfg(args, rule, fast == "bf16"))
+    if not args.no_sparsify:
+        variants["sparsify topk fp32"] = lambda: run_sparsify(x, args, cfg_top, bf16=False)
+        if native:
+            variants["sparsify topk bf16-autocast"] = lambda: run_sparsify(x, args, cfg_top, bf16=True)
     if not args.no_sae_lens:
         variants["sae-lens topk fp32"] = lambda: run_sae_lens(x, args, cfg_top, autocast=False)
         if native:
@@ -276,6 +395,8 @@ def main() -> None:
                 if name.startswith("ours"):
                     ev = evaluate(sae, x_test)
                     quality[name] = {"fvu": ev["fvu"], "l0": ev["l0"]}
+                elif name.startswith("sparsify"):
+                    quality[name] = heldout_sparsify(sae, x_test)
                 else:
                     quality[name] = heldout_sae_lens(sae, x_test)
             print(f"  run {r + 1} {name:28s} {dt:7.1f} s  {steps * B / dt:8.0f} tok/s  "
@@ -290,45 +411,25 @@ def main() -> None:
 
     best = {v: max(t) for v, t in tps.items()}
     med = {v: statistics.median(t) for v, t in tps.items()}
-    if not args.no_sae_lens:
-        print()
-        pairs = [("ours topk fp32", "sae-lens topk fp32")]
-        if native:
-            pairs = [("ours topk bf16", "sae-lens topk bf16-autocast"),
-                     ("ours topk bf16", "sae-lens topk fp32")] + pairs
-        for ours, theirs in pairs:
-            print(f"tokens/s {ours} / {theirs}: best {best[ours] / best[theirs]:.2f}x, median "
-                  f"{med[ours] / med[theirs]:.2f}x;  held-out FVU {quality[ours]['fvu']:.4f} vs "
-                  f"{quality[theirs]['fvu']:.4f}")
-    for rule in ("mutual_choice", "feature_choice"):
+    print()
+    pairs = []  # (ours, peer, the issue's target ratio)
+    for peer, target in (("sparsify", 2.0), ("sae-lens", 5.0)):
+        if not getattr(args, f"no_{peer.replace('-', '_')}"):
+            pairs += [("ours topk fp32", f"{peer} topk fp32", target)]
+            if native:
+                pairs = [("ours topk bf16", f"{peer} topk bf16-autocast", target)] + pairs
+    for ours, theirs, target in pairs:
+        print(f"tokens/s {ours} / {theirs}: best {best[ours] / best[theirs]:.2f}x, median "
+              f"{med[ours] / med[theirs]:.2f}x (target >= {target:g}x);  held-out FVU "
+              f"{quality[ours]['fvu']:.4f} vs {quality[theirs]['fvu']:.4f}")
+    for rule, target in (("mutual_choice", 0.95), ("feature_choice", 0.8)):
         v, top = f"ours {rule} {fast}", f"ours topk {fast}"
         print(f"{v} tokens/s relative to {top}: best {best[v] / best[top]:.2f}, "
-              f"median {med[v] / med[top]:.2f}")
+              f"median {med[v] / med[top]:.2f} (target >= {target})")
 
-    # --- FLOP share of our step: steps and matmuls timed alternating, call by call
-    enc, dec = 2 * B * d * L, 2 * B * k * d
-    need = 2 * enc + 3 * dec
-    print(f"\nnecessary FLOPs per step = 2*B*d*n (encoder fwd) + 2*B*d*n (encoder bwd, grad W_enc; no grad wrt x) "
-          f"+ 3 * 2*B*k*d (sparse decoder: fwd, bwd grad vals, bwd grad W_dec)\n"
-          f"  = {2 * enc / 1e9:.2f} + {3 * dec / 1e9:.3f} = {need / 1e9:.2f} GFLOP  (B={B}, d={d}, n={L}, k={k}); "
-          f"our step does the encoder bwd sparsely (2*B*k*d), so it does only {(enc + 4 * dec) / 1e9:.2f} GFLOP "
-          f"of products")
-    fns = matmul_runners(B, d, L, precisions)
-    for p in precisions:
-        fns[f"step topk {p}"] = step_runner(x, our_cfg(args, "topk", p == "bf16"))
-    ts = interleaved(fns, args.step_rounds)
-    rate = {k: [(2 * B * d * L if k.startswith("matmul") else need) / t for t in v] for k, v in ts.items()}
-    for k, v in ts.items():
-        print(f"{k:22s} {min(v) * 1e3:7.1f} ms best {statistics.median(v) * 1e3:7.1f} ms median  "
-              f"= {max(rate[k]) / 1e9:5.0f} / {statistics.median(rate[k]) / 1e9:5.0f} GFLOP/s")
-    for prec in precisions:
-        st = rate[f"step topk {prec}"]
-        for ref in [f"matmul {q}{o}" for q in precisions for o in ("", " out=")]:
-            print(f"ours topk {prec} step: {max(st) / max(rate[ref]):6.1%} (best/best), "
-                  f"{statistics.median(st) / statistics.median(rate[ref]):6.1%} (median/median) of {ref}")
-        run_rate = best[f"ours topk {prec}"] / B * need  # whole runs: data gather, init and checks included
-        print(f"ours topk {prec} whole run (best):  {run_rate / 1e9:5.0f} GFLOP/s = "
-              f"{run_rate / max(rate[f'matmul {fast}']):6.1%} of matmul {fast} (best)")
+    # --- one step against the one dense matmul it needs, at each batch size, timed alternating
+    for B_step in args.step_batches:
+        step_table(x, args, B_step, precisions)
 
     print(f"\nprofile of ours topk {fast}, 5 train_steps, by self CPU time:")
     print(profile_step(x, cfg_top))

@@ -43,6 +43,7 @@ from sae_repro.models import DEFAULT_MODEL, TINY_MODEL, load_model, parse_hook
 from sae_repro.precision import resolve_bf16
 from sae_repro.progress import Progress
 from sae_repro.registry import SMOLLM2_WHEEL
+from sae_repro.timing import timed
 
 FORMAT_VERSION = 2  # 2: the store keeps its contexts (contexts.safetensors)
 CONTEXTS_FILE = "contexts.safetensors"
@@ -251,6 +252,7 @@ def store_key(spec: ActivationSpec, corpus_hash: str) -> str:
                         "model": model_identity(spec.model, spec.seed)})
 
 
+@timed("collection")
 def collect(spec: ActivationSpec, model: HookedTransformer | None = None,
             progress: bool = True) -> ActivationStore:
     """Return the store for `spec`, computing only the shards that are missing or corrupt."""

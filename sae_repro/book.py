@@ -118,14 +118,25 @@ def _when(iso: str) -> str:
     return iso.replace("T", " ")[:16] if iso else ""
 
 
+SPLIT = ("collection", "training", "analysis", "plotting")  # runs.json's "split" (sae_repro.timing)
+
+
+def _split_cells(split: dict[str, float] | None) -> str:
+    if not split:
+        return " | ".join("—" for _ in SPLIT)
+    return " | ".join(f"{split.get(k, 0.0):.0f} s" for k in SPLIT)
+
+
 def runs_table() -> str:
-    """Markdown: measured run time of each notebook under each profile, from the run records."""
+    """Markdown: measured run time of each notebook under each profile, split into collection,
+    training, analysis and plotting (`sae_repro.timing`), from the run records."""
     rows, machines = [], {}
+    blank = " | ".join("" for _ in SPLIT)
     for p in PROFILE_NAMES:
-        total = 0.0
+        total, parts = 0.0, dict.fromkeys(SPLIT, 0.0)
         for name, info in sorted(_runs(p).items()):
             if "seconds" not in info:
-                rows.append(f"| `{name}` | {p} | failed | {_when(info.get('failed_at', ''))} | — | — |")
+                rows.append(f"| `{name}` | {p} | failed | {blank} | {_when(info.get('failed_at', ''))} | — | — |")
                 continue
             hw = info.get("hardware", {})
             machine = f"{hw.get('cpus')} cores ({hw.get('cpu')}), {hw.get('memory_gb')} GiB RAM"
@@ -133,16 +144,19 @@ def runs_table() -> str:
             machines.setdefault(machine, len(machines) + 1)
             status = "" if info.get("status") == "ok" else " (its next run failed)"
             load = info.get("load_at_start")
-            rows.append(f"| `{name}` | {p} | {info['seconds']:.0f} s{status} | "
+            rows.append(f"| `{name}` | {p} | {info['seconds']:.0f} s{status} | {_split_cells(info.get('split'))} | "
                         f"{_when(info.get('started', ''))} | {'—' if load is None else load} | "
                         f"{machines[machine]} |")
             total += info["seconds"]
+            for k in SPLIT:
+                parts[k] += (info.get("split") or {}).get(k, 0.0)
         if total:
-            rows.append(f"| **all notebooks** | {p} | **{total / 60:.1f} min** | | | |")
+            shares = " | ".join(f"**{parts[k] / 60:.1f} min**" for k in SPLIT)
+            rows.append(f"| **all notebooks** | {p} | **{total / 60:.1f} min** | {shares} | | | |")
     if not rows:
         return "No notebook has been run yet.\n"
-    head = ("| notebook | profile | wall time | started (UTC) | load | machine |\n"
-            "|---|---|---|---|---|---|\n")
+    head = ("| notebook | profile | wall time | " + " | ".join(SPLIT) + " | started (UTC) | load | machine |\n"
+            + "|---" * (6 + len(SPLIT)) + "|\n")
     notes = "\n".join(f"- machine {i}: {m}" for m, i in machines.items())
     return head + "\n".join(rows) + "\n\n" + notes + "\n"
 

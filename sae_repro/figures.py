@@ -27,6 +27,7 @@ import pandas as pd
 
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, read_json, sha256_file, update_json
+from sae_repro.timing import timed
 from sae_repro.verdicts import VERDICTS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -245,6 +246,7 @@ def _jsonable(v: Any) -> Any:
     return json.loads(json.dumps(v, default=str))
 
 
+@timed("plotting")
 def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile: str,
                 params: dict[str, Any], caption: str = "",
                 inputs: dict[str, str] | None = None) -> Path:

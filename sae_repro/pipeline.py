@@ -48,6 +48,7 @@ from sae_repro.figures import (
 )
 from sae_repro.profiles import check_parameter, joint_errors, parameters_for, rule_for, setting_errors
 from sae_repro.progress import PROGRESS_ENV, relay
+from sae_repro.timing import TIMING_ENV, split
 
 
 def notebooks_dir() -> Path:
@@ -362,11 +363,13 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     load = round(os.getloadavg()[0], 1)  # other work on the machine slows this run down
     t0 = time.time()
     try:
-        with _kernel_env(sidecar, runs / f"{job.name}.progress", job.name):
+        timing = runs / f"{job.name}.timing.json"
+        with _kernel_env(sidecar, runs / f"{job.name}.progress", timing, job.name):
             _run_papermill(job, profile, runs, started)
         key = hash_inputs(parts)
         publish(staging, job.name, profile, key)
         seconds = time.time() - t0
+        phases = split(timing, seconds)
         inputs = json.loads(sidecar.read_text())["inputs"]
         write_json(_stamp_path(job.name, profile), {"key": key, "parts": parts, "inputs": inputs,
                                                     "seconds": seconds})
@@ -374,7 +377,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     _record_run(profile, job.name, {"status": "ok", "started": started, "seconds": round(seconds, 1),
-                                    "load_at_start": load,
+                                    "split": phases, "load_at_start": load,
                                     "params": job.params, "hardware": hardware(), "git": job.git,
                                     "inputs": {k: v["hash"] for k, v in inputs.items()}})
     return RunResult(job.name, "ran", seconds, reason)
@@ -418,12 +421,14 @@ def _run_papermill(job: Job, profile: str, runs: Path, started: str) -> None:
 
 
 @contextlib.contextmanager
-def _kernel_env(sidecar: Path, progress: Path, name: str):
+def _kernel_env(sidecar: Path, progress: Path, timing: Path, name: str):
     """The kernel's environment (it inherits ours) while it runs, and the relay of its progress."""
-    old = {k: os.environ.get(k) for k in (SIDECAR_ENV, PROGRESS_ENV)}
+    old = {k: os.environ.get(k) for k in (SIDECAR_ENV, PROGRESS_ENV, TIMING_ENV)}
     progress.unlink(missing_ok=True)
+    timing.unlink(missing_ok=True)
     os.environ[SIDECAR_ENV] = str(sidecar)
     os.environ[PROGRESS_ENV] = str(progress)  # its phases, printed by the relay
+    os.environ[TIMING_ENV] = str(timing)  # seconds per phase (sae_repro.timing)
     os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the book's pages
     stop = threading.Event()
     relayer = threading.Thread(target=relay, args=(progress, f"  {name}: ", stop), daemon=True)

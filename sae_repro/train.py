@@ -70,6 +70,7 @@ from sae_repro.optim import Adam
 from sae_repro.precision import resolve_bf16
 from sae_repro.progress import Progress
 from sae_repro.sae import BATCH_RULES, BUDGET_RULES, ForwardOutput, SAEConfig, SparseAutoencoder
+from sae_repro.timing import timed
 
 CHECKPOINT_FILE = "checkpoint.pt"
 NEUTRAL_FIELDS = ("checkpoint_every", "log_every")  # TrainConfig fields that do not change the result
@@ -430,6 +431,7 @@ def _resolve_data(x: Any, hook: str | None, grads: Tensor | None,
 # ----------------------------------------------------------------------------- the loop
 
 
+@timed("training")
 def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, grads: Tensor | None = None,
               init: SparseAutoencoder | None = None, checkpoint_dir: str | Path | None = None,
               resume: bool = True, progress: bool = True) -> tuple[SparseAutoencoder, list[dict[str, float]]]:

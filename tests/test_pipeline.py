@@ -108,6 +108,10 @@ def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_sta
     assert (sandbox / "executed" / "beta.ipynb").read_text() == executed
     runs = json.loads((sandbox / "figures" / "runs.json").read_text())
     assert runs["beta"]["status"] == "failed" and runs["alpha"]["status"] == "ok"
+    split = runs["alpha"]["split"]  # the notebook's time by phase: it only saved a figure
+    assert set(split) == {"collection", "training", "plotting", "analysis"}
+    assert split["plotting"] > 0 and split["collection"] == split["training"] == 0
+    assert sum(split.values()) == pytest.approx(runs["alpha"]["seconds"], abs=0.3)
     # the next good run refreshes it, even with the same inputs as the last successful run
     assert _status(pipeline.run("ci")) == {"alpha": "skipped", "beta": "ran"}
     manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
