@@ -196,6 +196,17 @@ _VERDICT_MARK = {"reproduced": "✅ reproduced", "partly": "🟡 partly", "not r
                  "inconclusive": "⚪ inconclusive"}
 
 
+def _ours(v: dict) -> str:
+    """Our number with its 95% interval and its trend with training budget, where recorded."""
+    text = str(v["ours"])
+    if v.get("interval"):
+        lo, hi = v["interval"]
+        text += f" (95% interval {lo:.3g} to {hi:.3g})"
+    if v.get("trend"):
+        text += f"; with more training: {v['trend']}"
+    return text
+
+
 def verdicts_table(notebooks: list[str] | None = None) -> str:
     """Markdown: each claim of the papers (from the notebooks' `record_verdict` calls, under the
     profile their book copies ran with) with the paper's number, ours and the verdict."""
@@ -209,7 +220,7 @@ def verdicts_table(notebooks: list[str] | None = None) -> str:
                       key=lambda cv: (cv[1]["time"], cv[0]))  # the order the notebook found them
         for claim_id, v in mine:
             stale = " (stale)" if v.get("stale") else ""
-            rows.append(f"| {_md(v['claim'])} | {_md(v['paper'])} | {_md(v['ours'])} | "
+            rows.append(f"| {_md(v['claim'])} | {_md(v['paper'])} | {_md(_ours(v))} | "
                         f"{_VERDICT_MARK[v['verdict']]}{stale} | {_md(v['why'])} | "
                         f"{{doc}}`{nb} </chapters/{nb}>` ({prof}) |")
     if not rows:

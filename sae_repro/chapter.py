@@ -149,4 +149,5 @@ class Chapter:
         """Record a claim's verdict, decided by a `sae_repro.verdicts` criterion; returns the line
         to print."""
         return record_verdict(claim_id, claim=claim, paper=paper, ours=ours, verdict=verdict.verdict,
-                              why=verdict.why, notebook=self.name, profile=self.profile)
+                              why=verdict.why, notebook=self.name, profile=self.profile,
+                              interval=verdict.interval, trend=verdict.trend)

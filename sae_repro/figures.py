@@ -28,7 +28,7 @@ import pandas as pd
 from sae_repro import __version__
 from sae_repro.cache import atomic_path, cache_dir, read_json, sha256_file, update_json
 from sae_repro.timing import timed
-from sae_repro.verdicts import VERDICTS
+from sae_repro.verdicts import TRENDS, VERDICTS
 
 REPO = Path(__file__).resolve().parent.parent
 AUTHORS = "sae-repro contributors"
@@ -293,16 +293,22 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
 
 
 def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict: str, why: str,
-                   notebook: str, profile: str) -> str:
+                   notebook: str, profile: str, interval: tuple[float, float] | None = None,
+                   trend: str | None = None) -> str:
     """Record a paper's claim, what the paper reported, what we measured and our verdict in
     `verdicts.json` beside the profile's figures (the book tabulates them). Returns a one-line
-    summary to print. verdict: one of VERDICTS; why: the criterion and the reason, in words."""
+    summary to print. verdict: one of VERDICTS; why: the criterion and the reason, in words;
+    interval: the 95% interval [lo, hi] of the headline number; trend: one of
+    `verdicts.TRENDS` (both recorded as null where the criterion has none)."""
     if verdict not in VERDICTS:
         raise ValueError(f"verdict={verdict!r}: expected one of {VERDICTS}")
+    if trend is not None and trend not in TRENDS:
+        raise ValueError(f"trend={trend!r}: expected one of {TRENDS} or None")
     if not claim_id.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"claim_id={claim_id!r}: use letters, digits, '-' and '_' only")
     entry = {"notebook": notebook, "profile": profile, "claim": claim, "paper": paper,
              "ours": ours, "verdict": verdict, "why": why, "stale": False,
+             "interval": None if interval is None else [float(v) for v in interval], "trend": trend,
              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def add(verdicts: dict) -> None:
@@ -312,7 +318,14 @@ def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict:
         verdicts[claim_id] = entry
 
     update_json((_staging() or figures_dir(profile)) / "verdicts.json", add)
-    return f"{claim}: paper {paper}; ours {ours} -> {verdict.upper()} ({why})"
+    extra = "" if interval is None else f" [95% {_number(interval[0])}, {_number(interval[1])}]"
+    extra += "" if trend is None else f" (trend: {trend})"
+    return f"{claim}: paper {paper}; ours {ours}{extra} -> {verdict.upper()} ({why})"
+
+
+def _number(x: float) -> str:
+    """A number in 3 significant digits."""
+    return f"{x:.3g}"
 
 
 def verdicts_of_notebook(notebook: str, profile: str) -> dict[str, dict]:

@@ -9,6 +9,11 @@ the decoder rows -> Adam -> decoder rows back to unit norm. Choices, after spars
 - schedule: linear warmup over `warmup_steps`, constant, then linear decay to 0 over the last
   `decay_fraction` (20%) of the steps (OpenAI TopK paper).
 - b_dec starts at the geometric median of a data sample (zero left half the latents dead here).
+- W_enc starts as the transpose of the (unit-row) decoder times `encoder_init_norm` = 1/sqrt(3),
+  the norm sparsify's encoder starts at (torch's default Linear init; it ties the decoder to it
+  and normalises only the decoder). Against the plain transpose (norm 1), on SmolLM2 layer 15
+  (8x, k 32, batch 4096): held-out FVU 0.373 vs 0.421 after 73 steps, 0.234 vs 0.255 after 292;
+  0.3 gave 0.387 after 73.
 - a latent is dead when it has not fired for `dead_window_tokens` tokens; AuxK trains those.
 - data: `epochs` passes over the tokens, each in a fresh seeded permutation; the last partial
   batch of an epoch is dropped (batch rules need full batches).
@@ -102,6 +107,7 @@ class TrainConfig:
     inference: str = "threshold"
     threshold_decay: float = 0.99
     b_dec_init: str = "geometric_median"  # | "mean" | "zero"
+    encoder_init_norm: float = 3 ** -0.5  # W_enc starts as W_dec^T times this (see the module doc)
     bf16: bool | str = False  # bf16 autocast for the encoder matmul; "auto": where native (precision.py)
     device: str = "cpu"  # where the SAE trains; the activations stay in CPU memory, batches move
     sparse: bool = True  # sparse decoder and backward (False: dense autograd reference)
@@ -133,6 +139,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: epochs must be a finite number > 0, got {self.epochs}")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig: lr must be None or a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.encoder_init_norm) and self.encoder_init_norm > 0):
+            raise ValueError(f"TrainConfig: encoder_init_norm must be a finite number > 0, "
+                             f"got {self.encoder_init_norm}")
         if self.b_dec_init not in ("geometric_median", "mean", "zero"):
             raise ValueError(f"TrainConfig: b_dec_init={self.b_dec_init!r}; "
                              f"allowed: 'geometric_median', 'mean', 'zero'")
@@ -359,6 +368,8 @@ def _new_sae(x: Tensor, cfg: TrainConfig, hook: str | None, init: SparseAutoenco
     sae = SparseAutoencoder(cfg.sae_config(d, hook), seed=cfg.seed)
     if init is None:
         sae.init_b_dec(x[_permutation(n, cfg.seed, 0)[:16384]].float(), cfg.b_dec_init)
+        with torch.no_grad():
+            sae.W_enc.mul_(cfg.encoder_init_norm)
         return sae
     if (init.cfg.d_in, init.cfg.n_latents) != (d, sae.cfg.n_latents):
         raise ValueError(f"init has d_in={init.cfg.d_in}, n_latents={init.cfg.n_latents}; "

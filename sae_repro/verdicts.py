@@ -45,18 +45,32 @@ SEED_NOISE_STD = 2.0  # an effect counts when beyond this many training-seed sta
 ONE_SEED_NOISE = 0.05  # with one seed: the noise is guessed as this share of TopK's value
 
 
+TRENDS = ("toward", "away", "flat")  # the headline number up the budget ladder (sae_repro.intervals.trend)
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """A criterion's outcome: `verdict` (one of VERDICTS), `why` (the criterion in words) and
-    `note` (why it could not decide, or what qualifies it; empty if nothing does)."""
+    """A criterion's outcome: `verdict` (one of VERDICTS), `why` (the criterion in words),
+    `note` (why it could not decide, or what qualifies it; empty if nothing does), and where the
+    criterion has them, the 95% `interval` (lo, hi) of its headline number and that number's
+    `trend` with training budget (one of TRENDS; see `sae_repro.intervals`)."""
 
     verdict: str
     why: str
     note: str = ""
+    interval: tuple[float, float] | None = None
+    trend: str | None = None
 
     def __post_init__(self) -> None:
         if self.verdict not in VERDICTS:
             raise ValueError(f"verdict={self.verdict!r}: expected one of {VERDICTS}")
+        if self.trend is not None and self.trend not in TRENDS:
+            raise ValueError(f"trend={self.trend!r}: expected one of {TRENDS} or None")
+        if self.interval is not None:
+            lo, hi = (float(v) for v in self.interval)
+            if lo > hi:
+                raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with lo <= hi")
+            object.__setattr__(self, "interval", (lo, hi))
 
     def __str__(self) -> str:
         return self.verdict + (f" ({self.note})" if self.note else "")

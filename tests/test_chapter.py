@@ -67,3 +67,27 @@ def test_figures_and_verdicts_carry_the_chapter(tmp_path, monkeypatch):
     recorded = json.loads((tmp_path / "verdicts.json").read_text())["t-claim"]
     assert recorded["verdict"] == "reproduced" and recorded["why"] == verdicts.norm_predictable([0.95]).why
     assert "REPRODUCED" in line
+
+
+def test_a_verdict_records_its_interval_and_trend(tmp_path, monkeypatch):
+    from sae_repro import book
+
+    monkeypatch.setenv("SAE_REPRO_FIGURES", str(tmp_path))
+    monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path / "cache"))
+    ch = Chapter.open("dark_matter_scaling", _namespace())
+    v = verdicts.Verdict("inconclusive", "why", interval=(0.85, 0.93), trend="toward")
+    line = ch.verdict("t-claim", v, claim="c", paper="p", ours="0.89")
+    ch.verdict("t-plain", verdicts.norm_predictable([0.95]), claim="c2", paper="p", ours="0.95")
+    recorded = json.loads((tmp_path / "verdicts.json").read_text())
+    assert recorded["t-claim"]["interval"] == [0.85, 0.93] and recorded["t-claim"]["trend"] == "toward"
+    assert recorded["t-plain"]["interval"] is None and recorded["t-plain"]["trend"] is None
+    assert "0.89 [95% 0.85, 0.93] (trend: toward) -> INCONCLUSIVE" in line
+    assert book._ours(recorded["t-claim"]) == "0.89 (95% interval 0.85 to 0.93); with more training: toward"
+    assert book._ours(recorded["t-plain"]) == "0.95"
+
+
+def test_verdict_rejects_a_bad_interval_or_trend():
+    with pytest.raises(ValueError, match="lo <= hi"):
+        verdicts.Verdict("partly", "why", interval=(0.9, 0.8))
+    with pytest.raises(ValueError, match=r"trend='up': expected one of \('toward', 'away', 'flat'\)"):
+        verdicts.Verdict("partly", "why", trend="up")

@@ -368,3 +368,13 @@ def test_batch_rules_come_out_of_train_sae_ready_for_inference(rule):
 def test_a_non_finite_loss_stops_training_naming_the_step():
     with pytest.raises(FloatingPointError, match=r"training stopped at step 1: the loss is nan.*\|x\| = 2.1\de\+20"):
         train_sae(X * 1e20, cfg(epochs=1))
+
+
+def test_the_encoder_starts_as_the_scaled_decoder_transpose():
+    sae = train_mod._new_sae(X, cfg(), None, None)
+    assert_close(sae.W_enc, sae.W_dec.t() * 3 ** -0.5)
+    assert sae.W_dec.norm(dim=1).sub(1).abs().max() < 1e-6
+    assert_close(train_mod._new_sae(X, cfg(encoder_init_norm=1.0), None, None).W_enc, sae.W_dec.t())
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="encoder_init_norm must be a finite number > 0"):
+            cfg(encoder_init_norm=bad)

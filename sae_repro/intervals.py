@@ -1,0 +1,130 @@
+"""95% intervals for the numbers verdicts rest on, and the trend of a number up a budget ladder.
+
+- `context_bootstrap`: a statistic of held-out data, resampling whole contexts (tokens of one
+  context are not independent) with `scipy.stats.bootstrap`, percentile method. The statistic
+  takes per-context sums (`per_context`), so a resample costs a sum over contexts, not tokens:
+  FVU = sum ||e||^2 / sum ||x - mean||^2 is a ratio of such sums.
+- `poisson_interval`: exact (Garwood) interval of a count, e.g. the dead latents of an SAE.
+- `seed_interval`: Student-t interval of a mean over training seeds (>= 2 seeds).
+- `side`: where an interval lies against a threshold: a criterion calls a result whose interval
+  straddles its threshold "inconclusive".
+- `trend`: a number measured at several training budgets, fitted against log10(budget); flat
+  when the slope's 95% interval holds 0, else toward or away from the paper's value, with the
+  budget at which the fitted line would reach it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
+
+CONFIDENCE = 0.95
+N_RESAMPLES = 2000
+
+
+def _interval(lo: float, hi: float) -> tuple[float, float]:
+    return float(lo), float(hi)
+
+
+def per_context(values: np.ndarray | torch.Tensor, context: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Sum per-token values [n_tokens, ...] over each context -> [n_contexts, ...] (float64), the
+    contexts numbered 0..n_contexts-1 in order of first appearance."""
+    v = np.asarray(values.double() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    c = np.asarray(context).reshape(-1)
+    if v.shape[0] != c.shape[0]:
+        raise ValueError(f"per_context: values have {v.shape[0]} tokens, context has {c.shape[0]}")
+    _, first, inverse = np.unique(c, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # renumber contexts by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    out = np.zeros((order.size,) + v.shape[1:])
+    np.add.at(out, rank[inverse], v)
+    return out
+
+
+def context_bootstrap(statistic: Callable[..., float], *sums: np.ndarray, seed: int = 0,
+                      n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """95% percentile interval of statistic(*sums), the contexts resampled with replacement.
+
+    sums: arrays [n_contexts, ...] (from `per_context`), resampled together (the same contexts in
+    each). Needs >= 2 contexts; a statistic that is NaN on a resample makes the interval NaN."""
+    if not sums:
+        raise ValueError("context_bootstrap: give at least one array of per-context sums")
+    n = {np.shape(s)[0] for s in sums}
+    if len(n) != 1:
+        raise ValueError(f"context_bootstrap: the arrays have different numbers of contexts {sorted(n)}")
+    if n.pop() < 2:
+        raise ValueError("context_bootstrap: needs at least 2 contexts")
+    res = stats.bootstrap(tuple(np.asarray(s, dtype=np.float64) for s in sums), statistic, paired=True,
+                          vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return _interval(res.confidence_interval.low, res.confidence_interval.high)
+
+
+def poisson_interval(count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact (Garwood) interval of the mean of a Poisson count: [0, 3.69] for 0, [0.025, 5.57] for 1."""
+    if isinstance(count, bool) or int(count) != count or count < 0:
+        raise ValueError(f"poisson_interval: count must be a whole number >= 0, got {count!r}")
+    a = 1 - confidence
+    lo = 0.0 if count == 0 else stats.chi2.ppf(a / 2, 2 * count) / 2
+    return _interval(lo, stats.chi2.ppf(1 - a / 2, 2 * count + 2) / 2)
+
+
+def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Student-t interval of the mean over training seeds: mean -+ t * sd / sqrt(n), n >= 2."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2:
+        raise ValueError(f"seed_interval: needs values from at least 2 seeds, got {v.size}")
+    half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+    return _interval(v.mean() - half, v.mean() + half)
+
+
+def side(interval: tuple[float, float], threshold: float) -> str:
+    """"above" (lo > threshold), "below" (hi < threshold) or "straddles" (also for NaN)."""
+    lo, hi = interval
+    if lo > threshold:
+        return "above"
+    if hi < threshold:
+        return "below"
+    return "straddles"
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A number against log10(training budget): direction "toward" / "away" (from the paper's
+    value) / "flat"; slope per decade of budget with its 95% interval; and, for "toward", the
+    budget at which the fitted line reaches the paper's value."""
+
+    direction: str
+    slope: float
+    slope_interval: tuple[float, float]
+    budget_at_paper: float | None = None
+
+
+def trend(budgets: Sequence[float], values: Sequence[float], paper: float,
+          confidence: float = CONFIDENCE) -> Trend:
+    """Fit values against log10(budgets) (>= 3 budgets, all > 0; NaN values left out)."""
+    b, v = np.asarray(budgets, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    if b.shape != v.shape:
+        raise ValueError(f"trend: {b.size} budgets but {v.size} values")
+    keep = ~np.isnan(v)
+    b, v = b[keep], v[keep]
+    if b.size < 3 or np.unique(b).size < 3:
+        raise ValueError(f"trend: needs values at >= 3 distinct budgets, got {np.unique(b).size}")
+    if (b <= 0).any():
+        raise ValueError("trend: budgets must be > 0")
+    x = np.log10(b)
+    fit = stats.linregress(x, v)
+    half = stats.t.ppf(0.5 + confidence / 2, x.size - 2) * fit.stderr
+    ci = _interval(fit.slope - half, fit.slope + half)
+    if ci[0] <= 0 <= ci[1]:
+        return Trend("flat", float(fit.slope), ci)
+    last = fit.intercept + fit.slope * x.max()  # the fitted value at the largest budget
+    if np.sign(paper - last) != np.sign(fit.slope):
+        return Trend("away", float(fit.slope), ci)
+    return Trend("toward", float(fit.slope), ci, float(10 ** ((paper - fit.intercept) / fit.slope)))

@@ -1,0 +1,91 @@
+"""Intervals on hand-made data with known answers: the context bootstrap of a mean and of a ratio
+of sums, exact Poisson limits, t intervals over seeds, the side of a threshold, and trends."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sae_repro import intervals as iv
+
+
+def test_per_context_sums_tokens_by_context_in_order_of_appearance():
+    values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0]])
+    context = np.array([7, 7, 3, 7])
+    assert np.array_equal(iv.per_context(values, context), [[7.0, 70.0], [3.0, 30.0]])
+    with pytest.raises(ValueError, match="values have 4 tokens, context has 3"):
+        iv.per_context(values, context[:3])
+
+
+def test_bootstrap_of_a_mean_matches_the_normal_interval():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 2.0, size=400)  # one token per context
+    lo, hi = iv.context_bootstrap(lambda s: s.mean(), x, seed=1)
+    se = x.std(ddof=1) / math.sqrt(x.size)
+    assert lo == pytest.approx(x.mean() - 1.96 * se, abs=0.25 * se)
+    assert hi == pytest.approx(x.mean() + 1.96 * se, abs=0.25 * se)
+    assert iv.context_bootstrap(lambda s: s.mean(), x, seed=1) == (lo, hi)  # seeded
+
+
+def test_bootstrap_resamples_contexts_together():
+    # a ratio of sums (like FVU) whose contexts pair numerator and denominator exactly: every
+    # resample gives the same ratio, so the interval collapses to the point
+    den = np.arange(1.0, 51.0)
+    lo, hi = iv.context_bootstrap(lambda a, b: a.sum() / b.sum(), 0.25 * den, den)
+    assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+    # unpaired noise widens it
+    num = 0.25 * den * np.random.default_rng(0).uniform(0.5, 1.5, 50)
+    lo, hi = iv.context_bootstrap(lambda a, b: a.sum() / b.sum(), num, den)
+    assert lo < num.sum() / den.sum() < hi and 0.02 < hi - lo < 0.2
+
+
+def test_bootstrap_input_errors():
+    with pytest.raises(ValueError, match="at least one array"):
+        iv.context_bootstrap(lambda: 0.0)
+    with pytest.raises(ValueError, match="different numbers of contexts"):
+        iv.context_bootstrap(lambda a, b: 0.0, np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="at least 2 contexts"):
+        iv.context_bootstrap(lambda a: 0.0, np.ones(1))
+
+
+def test_poisson_interval_known_values():
+    assert iv.poisson_interval(0) == pytest.approx((0.0, 3.689), abs=1e-3)
+    assert iv.poisson_interval(1) == pytest.approx((0.0253, 5.572), abs=1e-3)
+    assert iv.poisson_interval(10) == pytest.approx((4.795, 18.39), abs=1e-2)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="whole number >= 0"):
+            iv.poisson_interval(bad)
+
+
+def test_seed_interval_is_the_t_interval():
+    lo, hi = iv.seed_interval([1.0, 2.0, 3.0])  # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert (lo, hi) == pytest.approx((2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)), abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        iv.seed_interval([1.0])
+
+
+def test_side_of_a_threshold():
+    assert iv.side((0.91, 0.95), 0.9) == "above"
+    assert iv.side((0.80, 0.89), 0.9) == "below"
+    assert iv.side((0.85, 0.95), 0.9) == "straddles"
+    assert iv.side((0.90, 0.95), 0.9) == "straddles"  # touching counts as not clear
+    assert iv.side((float("nan"), float("nan")), 0.9) == "straddles"
+
+
+def test_trend_toward_away_and_flat():
+    budgets = [100, 1000, 10_000, 100_000]
+    # 0.1 per decade up from 0.5 at 100: reaches the paper's 0.9 at 10^6
+    t = iv.trend(budgets, [0.5, 0.6, 0.7, 0.8], paper=0.9)
+    assert t.direction == "toward" and t.slope == pytest.approx(0.1)
+    assert t.budget_at_paper == pytest.approx(1e6)
+    assert iv.trend(budgets, [0.8, 0.7, 0.6, 0.5], paper=0.9).direction == "away"
+    # past the paper's value and still moving on: away
+    assert iv.trend(budgets, [0.5, 0.6, 0.7, 0.8], paper=0.55).direction == "away"
+    noisy = iv.trend(budgets, [0.70, 0.72, 0.69, 0.71], paper=0.9)
+    assert noisy.direction == "flat" and noisy.budget_at_paper is None
+    assert noisy.slope_interval[0] < 0 < noisy.slope_interval[1]
+    with pytest.raises(ValueError, match=">= 3 distinct budgets"):
+        iv.trend([100, 100, 1000], [0.1, 0.2, 0.3], paper=0.5)
+    with pytest.raises(ValueError, match="budgets must be > 0"):
+        iv.trend([0, 10, 100], [0.1, 0.2, 0.3], paper=0.5)
