@@ -56,7 +56,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -78,7 +78,7 @@ from sae_repro.sae import BATCH_RULES, BUDGET_RULES, ForwardOutput, SAEConfig, S
 from sae_repro.timing import timed
 
 CHECKPOINT_FILE = "checkpoint.pt"
-NEUTRAL_FIELDS = ("checkpoint_every", "log_every")  # TrainConfig fields that do not change the result
+NEUTRAL_FIELDS = ("checkpoint_every", "log_every", "heldout_points")  # fields that do not change the weights
 
 
 @dataclass
@@ -116,6 +116,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     checkpoint_every: int | None = None  # steps; needs checkpoint_dir
     log_every: int = 10  # steps between history rows (each one syncs and computes metrics)
+    heldout_points: int = 20  # with train_sae(heldout=...): held-out FVU at about this many rows
 
     def __post_init__(self) -> None:
         if self.rule not in BUDGET_RULES:
@@ -123,7 +124,7 @@ class TrainConfig:
                              f"allowed: {', '.join(BUDGET_RULES)}")
         if self.aux not in (None, "auxk", "zipf"):
             raise ValueError(f"TrainConfig: aux={self.aux!r}; allowed: 'auxk', 'zipf', None")
-        for name in ("k", "expansion", "batch_size", "dead_window_tokens", "log_every"):
+        for name in ("k", "expansion", "batch_size", "dead_window_tokens", "log_every", "heldout_points"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"TrainConfig: {name} must be a positive int, got {name}={v!r}")
@@ -445,7 +446,8 @@ def _resolve_data(x: Any, hook: str | None, grads: Tensor | None,
 @timed("training")
 def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, grads: Tensor | None = None,
               init: SparseAutoencoder | None = None, checkpoint_dir: str | Path | None = None,
-              resume: bool = True, progress: bool = True) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
+              resume: bool = True, progress: bool = True,
+              heldout: Tensor | None = None) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
     """Train an SAE on x [n_tokens, d_in] (or an ActivationStore and its `hook`).
 
     grads: [n_tokens, d_in] loss gradients at x (g-SAE; read from the store if not given).
@@ -457,9 +459,17 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     the final weights, `calibrate_threshold`) and the history: one dict per `log_every` steps with
     step, tokens, lr, loss, fvu, mse, l0, dead_fraction, aux, tokens_per_s. A non-finite loss
     stops training with a FloatingPointError naming the step.
+    heldout: activations [n, d_in] the SAE never trains on (no gradient-guided rule: it selects
+    without a gradient there); about `cfg.heldout_points` history rows, the last one included,
+    then also carry `heldout_fvu` (NaN in the others), the curve `plateau` reads. Evaluating
+    changes nothing in training (same weights with and without it).
     """
     x, grads, hook = _resolve_data(x, hook, grads, cfg)
     n, d = x.shape
+    if heldout is not None:
+        _check_data(heldout, "heldout")
+        if heldout.shape[1] != d:
+            raise ValueError(f"heldout must be [n_tokens, d_in={d}], got {tuple(heldout.shape)}")
     rank, world = _dist_info()
     B = cfg.batch_size
     if B > n:
@@ -469,6 +479,8 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     steps_per_epoch = n // B
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
+    # held-out rows: every `every`-th log row (a whole number of log intervals), and the last
+    every = cfg.log_every * max(1, round(total / cfg.heldout_points / cfg.log_every))
 
     dev = torch.device(cfg.device)
     sae = _new_sae(x, cfg, hook, init).to(dev)
@@ -511,7 +523,10 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
             row = _log_row(step, B, opt, out, batch, stats, cfg, (step - step_last) * B / (now - t_last))
-            t_last, step_last = now, step
+            if heldout is not None:
+                row["heldout_fvu"] = (heldout_fvu(sae, heldout, B) if step % every == 0 or step == total
+                                      else math.nan)
+            t_last, step_last = time.perf_counter(), step  # the held-out pass is not training time
             history.append(row)
             bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         bar.update(1)
@@ -553,6 +568,44 @@ def _log_row(step: int, B: int, opt: torch.optim.Optimizer, out: dict[str, Any],
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def heldout_fvu(sae: SparseAutoencoder, x: Tensor, batch_size: int) -> float:
+    """FVU on x [n, d_in] in eval mode, in batches of `batch_size`. Batch rules select within
+    each batch (their threshold is only calibrated at the end of training); nothing of the SAE
+    changes (mode, threshold and config are restored)."""
+    cfg, was_training = sae.cfg, sae.training
+    if cfg.rule in BATCH_RULES:
+        sae.cfg = replace(cfg, inference="batch")
+    try:
+        x_hat, _ = reconstruct(sae, x, batch_size=batch_size)
+    finally:
+        sae.cfg = cfg
+        sae.train(was_training)
+    return fvu(x.float(), x_hat)
+
+
+PLATEAU_TAIL = 0.2  # the last share of the steps a plateau is judged over
+PLATEAU_GAIN = 0.01  # relative improvement of the held-out FVU below this over the tail: a plateau
+
+
+def plateau(history: list[dict[str, float]] | Any) -> dict[str, Any]:
+    """Has training converged? From the `heldout_fvu` rows of a history (list of dicts or a
+    DataFrame): the held-out FVU at the row nearest to (1 - PLATEAU_TAIL) of the steps against
+    the last one. -> dict(steps, heldout_fvu (last), gain (relative improvement over the tail),
+    plateaued (gain < PLATEAU_GAIN)); NaN gain and plateaued False without held-out rows."""
+    rows = history.to_dict("records") if hasattr(history, "to_dict") else list(history)
+    pts = [(r["step"], r["heldout_fvu"]) for r in rows
+           if isinstance(r.get("heldout_fvu"), float) and math.isfinite(r["heldout_fvu"])]
+    steps = int(rows[-1]["step"]) if rows else 0
+    if len(pts) < 2:
+        return {"steps": steps, "heldout_fvu": pts[-1][1] if pts else math.nan, "gain": math.nan,
+                "plateaued": False}
+    start = min(pts[:-1], key=lambda p: abs(p[0] - (1 - PLATEAU_TAIL) * steps))[1]
+    end = pts[-1][1]
+    gain = (start - end) / start if start > 0 else math.nan
+    return {"steps": steps, "heldout_fvu": end, "gain": gain, "plateaued": bool(gain < PLATEAU_GAIN)}
 
 
 def _eval_batches(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None,

@@ -29,6 +29,7 @@ def synthetic(n: int = 4096, seed: int = 0) -> torch.Tensor:
 
 
 X = synthetic()
+HELDOUT = synthetic(5120)[4096:]  # the same atoms, other samples
 
 
 def cfg(**kw) -> TrainConfig:
@@ -378,3 +379,41 @@ def test_the_encoder_starts_as_the_scaled_decoder_transpose():
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="encoder_init_norm must be a finite number > 0"):
             cfg(encoder_init_norm=bad)
+
+
+def test_heldout_rows_do_not_change_training_and_follow_the_fvu():
+    c = cfg(epochs=4, log_every=4, heldout_points=5)  # 64 steps: held-out rows every 12 steps + the last
+    plain, _ = train_sae(X, c, progress=False)
+    watched, hist = train_sae(X, c, progress=False, heldout=HELDOUT)
+    for name, t in weights(plain).items():
+        assert torch.equal(t, weights(watched)[name]), name
+    rows = [r for r in hist if not math.isnan(r["heldout_fvu"])]
+    assert [r["step"] for r in rows] == [12, 24, 36, 48, 60, 64]
+    assert rows[-1]["heldout_fvu"] < 0.75 * rows[0]["heldout_fvu"]  # 0.141 -> 0.095 here
+    assert rows[-1]["heldout_fvu"] == pytest.approx(evaluate(watched, HELDOUT)["fvu"], rel=1e-5)
+    with pytest.raises(ValueError, match=r"heldout must be \[n_tokens, d_in=32\]"):
+        train_sae(X, c, progress=False, heldout=torch.zeros(10, 3))
+
+
+def test_heldout_fvu_of_a_batch_rule_changes_nothing():
+    sae, _ = train_sae(X, cfg(rule="mutual_choice", epochs=1), progress=False)
+    before = (sae.cfg, sae.ema.threshold.clone(), sae.training)
+    value = train_mod.heldout_fvu(sae, X[:1024], 256)
+    assert (sae.cfg, sae.training) == (before[0], before[2]) and torch.equal(sae.ema.threshold, before[1])
+    assert 0 < value < 1
+
+
+def _curve(values, steps=(20, 40, 60, 80, 100)):
+    return [{"step": s, "heldout_fvu": v} for s, v in zip(steps, values)]
+
+
+def test_plateau_is_judged_over_the_last_fifth_of_the_steps():
+    # at step 80 (80% of 100) -> step 100: (0.300 - 0.2971) / 0.3 = 0.97% < 1%: a plateau
+    assert train_mod.plateau(_curve([0.5, 0.4, 0.35, 0.300, 0.2971])) == pytest.approx(
+        {"steps": 100, "heldout_fvu": 0.2971, "gain": 0.00967, "plateaued": True}, abs=1e-4)
+    still = train_mod.plateau(_curve([0.5, 0.4, 0.35, 0.300, 0.2969]))  # 1.03%: still falling
+    assert still["plateaued"] is False and still["gain"] == pytest.approx(0.01033, abs=1e-4)
+    rows = _curve([0.5, math.nan, 0.35, math.nan, 0.30])  # NaN rows (no held-out pass) are skipped
+    assert train_mod.plateau(rows)["gain"] == pytest.approx((0.35 - 0.30) / 0.35)
+    none = train_mod.plateau([{"step": 10, "fvu": 0.3}])
+    assert none["plateaued"] is False and math.isnan(none["gain"]) and none["steps"] == 10
