@@ -78,7 +78,7 @@ def roofline_tokens_per_s(cfg, n_blocks: int, ctx: int, batch: int, unembed: boo
         seconds += count * best
         flops += count * 2 * m * k * n
     tokens = batch * ctx
-    return tokens / seconds, flops / batch / ctx / 1e9
+    return tokens / seconds, flops / ctx / 1e9  # flops are per context
 
 
 def _timed(fn) -> float:
