@@ -30,10 +30,11 @@ from sae_repro.figures import record_input, record_verdict, save_figure
 from sae_repro.precision import resolve_bf16
 from sae_repro.profiles import PARAMETERS
 from sae_repro.sae import SparseAutoencoder
-from sae_repro.train import TrainConfig
+from sae_repro.train import TrainConfig, training_summary
 from sae_repro.verdicts import Verdict
 from sae_repro.zoo import trained_sae
 
+HELDOUT_TOKENS = 4096  # an SAE's held-out FVU curve: paired over time, so 32 contexts suffice
 # store kind -> the parameters that size its SAEs' training (batch size, epochs)
 _TRAINING = {"analysis": ("sae_batch_size", "sae_epochs"), "gradient": ("zoo_batch_size", "zoo_epochs")}
 
@@ -136,7 +137,19 @@ class Chapter:
         cfg = self.config(rule, k, expansion, **kw)
         if data is not None:
             return trained_sae(data, cfg, data_key=data_key, init=init)
-        return trained_sae(self.stores["train"], cfg, hook=hook or self.hook, init=init)
+        hook = hook or self.hook
+        return trained_sae(self.stores["train"], cfg, hook=hook, init=init, heldout=self.heldout(hook))
+
+    def training(self, history: pd.DataFrame) -> dict[str, Any]:
+        """How an SAE of this chapter was trained, as columns for a figure's CSV: steps, tokens
+        seen, distinct tokens, epochs, held-out FVU and its plateau (`train.training_summary`)."""
+        batch, _ = _TRAINING[self._kind]
+        return training_summary(history, self.stores["train"].spec.n_tokens, self[batch])
+
+    def heldout(self, hook: str) -> Tensor:
+        """The first HELDOUT_TOKENS tokens of the test store at `hook`: what an SAE trained on the
+        train store follows its held-out FVU on (`train.plateau` reads the curve)."""
+        return self.stores["test"].load(hook, max_tokens=HELDOUT_TOKENS)
 
     # ------------------------------------------------------------------------------ results
 

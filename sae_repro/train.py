@@ -116,7 +116,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     checkpoint_every: int | None = None  # steps; needs checkpoint_dir
     log_every: int = 10  # steps between history rows (each one syncs and computes metrics)
-    heldout_points: int = 20  # with train_sae(heldout=...): held-out FVU at about this many rows
+    heldout_points: int = 10  # with train_sae(heldout=...): held-out FVU at about this many rows
 
     def __post_init__(self) -> None:
         if self.rule not in BUDGET_RULES:
@@ -584,6 +584,16 @@ def heldout_fvu(sae: SparseAutoencoder, x: Tensor, batch_size: int) -> float:
         sae.cfg = cfg
         sae.train(was_training)
     return fvu(x.float(), x_hat)
+
+
+def training_summary(history: list[dict[str, float]] | Any, n_tokens: int, batch_size: int) -> dict[str, Any]:
+    """What a figure's CSV says about how an SAE was trained: steps, tokens seen, distinct
+    training tokens, epochs, and `plateau`'s held-out FVU, tail gain and plateau status."""
+    p = plateau(history)
+    seen = p["steps"] * batch_size
+    return {"train_steps": p["steps"], "train_tokens_seen": seen, "train_distinct_tokens": n_tokens,
+            "train_epochs": seen / n_tokens if n_tokens else math.nan,
+            "heldout_fvu": p["heldout_fvu"], "heldout_tail_gain": p["gain"], "plateaued": p["plateaued"]}
 
 
 PLATEAU_TAIL = 0.2  # the last share of the steps a plateau is judged over

@@ -37,7 +37,7 @@ def sae_key(data_id: str, hook: str | None, cfg: TrainConfig, init_key: str | No
 
 def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str | None = None,
                 data_key: str | None = None, grads: Tensor | None = None,
-                init: tuple[SparseAutoencoder, str] | None = None,
+                init: tuple[SparseAutoencoder, str] | None = None, heldout: Tensor | None = None,
                 progress: bool = True) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
     """Train (or load from the cache) an SAE on `store[hook]` -> (sae, history, key).
 
@@ -47,12 +47,16 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     differently by another code version never reuses a stale SAE.
     grads: loss gradients for a g-SAE trained on a tensor (a store supplies its own).
     init: (sae, its key) to fine-tune from, e.g. Feature Choice from a Mutual Choice SAE.
+    heldout: activations [n, d] to follow the held-out FVU on while training (`train_sae`); part
+    of the key, since the history it writes differs (the weights do not).
     """
     if isinstance(data, Tensor):
         data_id = f"tensor:{tensor_digest(data)}:{data_key or ''}"
     else:
         hook = hook if hook is not None else _only_hook(data)
         data_id = data.root.name
+    if heldout is not None:
+        data_id += f"|heldout:{tensor_digest(heldout)}"
     key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
     if root.exists():
@@ -65,7 +69,7 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
     sae, history = train_sae(data, cfg, hook=hook, grads=grads, init=init[0] if init else None,
-                             checkpoint_dir=ckpt, progress=progress)
+                             checkpoint_dir=ckpt, progress=progress, heldout=heldout)
     with atomic_path(root) as tmp:
         save(sae, tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)

@@ -91,3 +91,23 @@ def test_verdict_rejects_a_bad_interval_or_trend():
         verdicts.Verdict("partly", "why", interval=(0.9, 0.8))
     with pytest.raises(ValueError, match=r"trend='up': expected one of \('toward', 'away', 'flat'\)"):
         verdicts.Verdict("partly", "why", trend="up")
+
+
+def test_an_sae_of_the_chapter_follows_its_heldout_fvu(monkeypatch):
+    import sae_repro.chapter as chapter_mod
+
+    class Store:
+        def __init__(self, name):
+            self.name = name
+
+        def load(self, hook, max_tokens=None):
+            return (self.name, hook, max_tokens)
+
+    seen = {}
+    monkeypatch.setattr(chapter_mod, "trained_sae", lambda data, cfg, **kw: seen.update(data=data, **kw))
+    ch = Chapter.open("dark_matter_scaling", _namespace())
+    ch._opened("analysis", {})
+    ch.stores = {"train": Store("train"), "test": Store("test")}
+    ch.sae("topk", 8)
+    assert seen["data"].name == "train"
+    assert seen["heldout"] == ("test", ch.hook, chapter_mod.HELDOUT_TOKENS)

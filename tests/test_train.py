@@ -417,3 +417,10 @@ def test_plateau_is_judged_over_the_last_fifth_of_the_steps():
     assert train_mod.plateau(rows)["gain"] == pytest.approx((0.35 - 0.30) / 0.35)
     none = train_mod.plateau([{"step": 10, "fvu": 0.3}])
     assert none["plateaued"] is False and math.isnan(none["gain"]) and none["steps"] == 10
+
+
+def test_training_summary_reads_the_history():
+    s = train_mod.training_summary(_curve([0.5, 0.4, 0.35, 0.300, 0.2971]), n_tokens=12_800, batch_size=256)
+    assert (s["train_steps"], s["train_tokens_seen"], s["train_distinct_tokens"]) == (100, 25_600, 12_800)
+    assert s["train_epochs"] == 2.0 and s["plateaued"] is True
+    assert (s["heldout_fvu"], s["heldout_tail_gain"]) == pytest.approx((0.2971, 0.00967), abs=1e-4)
