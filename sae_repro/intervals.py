@@ -4,7 +4,8 @@
   context are not independent) with `scipy.stats.bootstrap`, percentile method. The statistic
   takes per-context sums (`per_context`), so a resample costs a sum over contexts, not tokens:
   FVU = sum ||e||^2 / sum ||x - mean||^2 is a ratio of such sums.
-- `poisson_interval`: exact (Garwood) interval of a count, e.g. the dead latents of an SAE.
+- `poisson_interval`: exact (Garwood) interval of a count, e.g. the dead latents of an SAE;
+  `rate_ratio_interval`: exact interval of the ratio of two such counts' rates.
 - `seed_interval`: Student-t interval of a mean over training seeds (>= 2 seeds).
 - `side`: where an interval lies against a threshold: a criterion calls a result whose interval
   straddles its threshold "inconclusive".
@@ -73,6 +74,21 @@ def poisson_interval(count: int, confidence: float = CONFIDENCE) -> tuple[float,
     a = 1 - confidence
     lo = 0.0 if count == 0 else stats.chi2.ppf(a / 2, 2 * count) / 2
     return _interval(lo, stats.chi2.ppf(1 - a / 2, 2 * count + 2) / 2)
+
+
+def rate_ratio_interval(a: int, b: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact interval of the ratio of two Poisson rates seen with the same exposure (e.g. dead
+    latents of two SAEs of one width on the same tokens), from counts a and b: given a + b, a is
+    binomial with p = ratio / (1 + ratio); the Clopper-Pearson interval of p, mapped to the ratio.
+    (0, inf) when both are 0."""
+    for name, v in (("a", a), ("b", b)):
+        if isinstance(v, bool) or int(v) != v or v < 0:
+            raise ValueError(f"rate_ratio_interval: {name} must be a whole number >= 0, got {v!r}")
+    n = int(a) + int(b)
+    if n == 0:
+        return 0.0, math.inf
+    ci = stats.binomtest(int(a), n).proportion_ci(confidence_level=confidence, method="exact")
+    return _interval(ci.low / (1 - ci.low), math.inf if ci.high >= 1 else ci.high / (1 - ci.high))
 
 
 def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:

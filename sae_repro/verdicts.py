@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sae_repro.intervals import rate_ratio_interval, side
+
 VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
 
 # Dark Matter (Engels et al.)
@@ -323,15 +325,32 @@ def gsae_faithful(ce_recovered_gsae: Sequence[float], ce_recovered_topk: Sequenc
                             "some k); point estimates on the held-out contexts")
 
 
-def gsae_fewer_dead(dead_gsae: Sequence[float], dead_topk: Sequence[float]) -> Verdict:
-    """"g-SAEs have fewer dead latents than TopK." Per k: dead-on-test shares. reproduced: fewer at
-    every k; not reproduced: at none; partly: at some; inconclusive: equal everywhere."""
-    g, t = _floats(dead_gsae, "dead_gsae"), _floats(dead_topk, "dead_topk")
-    fewer, more = int((g < t).sum()), int((g > t).sum())
-    why = "criterion: fewer dead-on-test latents at every k (inconclusive if equal everywhere)"
-    if fewer == more == 0:
-        return Verdict("inconclusive", why, "no difference")
-    return Verdict("reproduced" if fewer == len(g) else "not reproduced" if fewer == 0 else "partly", why)
+def gsae_fewer_dead(dead_gsae: Sequence[int], dead_topk: Sequence[int]) -> Verdict:
+    """"g-SAEs have fewer dead latents than TopK." Per k: the counts of latents dead on the test
+    store (same width, same tokens). At each k the g-SAE has fewer when the 95% interval of the
+    rate ratio g / TopK (`intervals.rate_ratio_interval`) lies below 1, more when above, else no
+    clear difference. reproduced: fewer at every k; partly: at some; not reproduced: at none while
+    some k differ clearly; inconclusive: no k differs clearly. The interval is the ratio's over
+    all k pooled."""
+    g, t = _counts(dead_gsae, "dead_gsae"), _counts(dead_topk, "dead_topk")
+    if len(g) != len(t):
+        raise ValueError(f"gsae_fewer_dead: {len(g)} g-SAE counts but {len(t)} TopK counts")
+    sides = [side(rate_ratio_interval(a, b), 1.0) for a, b in zip(g, t)]
+    pooled = rate_ratio_interval(sum(g), sum(t))
+    why = ("criterion: at every k, the 95% interval of the dead-latent rate ratio g-SAE / TopK "
+           "(exact, from the counts) below 1 (partly: at some k; inconclusive: no k clear)")
+    fewer, clear = sides.count("below"), len(sides) - sides.count("straddles")
+    if clear == 0:
+        return Verdict("inconclusive", why, "no k with a clear difference: too few dead latents", interval=pooled)
+    verdict = "reproduced" if fewer == len(g) else "partly" if fewer else "not reproduced"
+    return Verdict(verdict, why, interval=pooled)
+
+
+def _counts(values: Sequence[int], name: str) -> list[int]:
+    a = _floats(values, name)
+    if (a < 0).any() or (a != np.round(a)).any():
+        raise ValueError(f"{name}: expected whole numbers >= 0 (counts), got {a.tolist()}")
+    return [int(v) for v in a]
 
 
 def compare_means(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> str:

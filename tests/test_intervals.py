@@ -89,3 +89,15 @@ def test_trend_toward_away_and_flat():
         iv.trend([100, 100, 1000], [0.1, 0.2, 0.3], paper=0.5)
     with pytest.raises(ValueError, match="budgets must be > 0"):
         iv.trend([0, 10, 100], [0.1, 0.2, 0.3], paper=0.5)
+
+
+def test_rate_ratio_interval_known_values():
+    lo, hi = iv.rate_ratio_interval(20, 40)  # p = 1/3, Clopper-Pearson [0.2169, 0.4668]
+    assert (lo, hi) == pytest.approx((0.2169 / 0.7831, 0.4668 / 0.5332), abs=2e-3)
+    # 0 vs n: the upper limit of p is 1 - 0.025^(1/n); 0 vs 6 is clear (< 1), 0 vs 5 is not
+    assert iv.rate_ratio_interval(0, 6)[1] == pytest.approx((1 - 0.025 ** (1 / 6)) / 0.025 ** (1 / 6))
+    assert iv.rate_ratio_interval(0, 6)[1] < 1 < iv.rate_ratio_interval(0, 5)[1]
+    assert iv.rate_ratio_interval(4, 0) == (pytest.approx(iv.rate_ratio_interval(0, 4)[1] ** -1), math.inf)
+    assert iv.rate_ratio_interval(0, 0) == (0.0, math.inf)
+    with pytest.raises(ValueError, match="b must be a whole number >= 0"):
+        iv.rate_ratio_interval(1, -2)

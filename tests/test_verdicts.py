@@ -196,14 +196,28 @@ def test_gsae_faithful(ce_g, ce_t, kl_g, kl_t, want):
     assert _v(V.gsae_faithful(ce_g, ce_t, kl_g, kl_t)) == want
 
 
+# exact rate-ratio intervals: 0 vs 6 dead latents is [0, 0.85] (clear), 0 vs 5 is [0, 1.09] (not);
+# 20 vs 40 is [0.28, 0.88]; 30 vs 40 is [0.45, 1.23]; 40 vs 20 is [1.14, 3.61]
 @pytest.mark.parametrize("g, t, want", [
-    ([1.0, 2.0], [2.0, 3.0], "reproduced"),
-    ([1.0, 3.0], [2.0, 3.0], "partly"),
-    ([2.0, 3.0], [2.0, 3.0], "inconclusive"),
-    ([2.0, 4.0], [2.0, 3.0], "not reproduced"),
+    ([0, 20], [6, 40], "reproduced"),  # clearly fewer at both k
+    ([0, 30], [6, 40], "partly"),  # clear at one k, not at the other
+    ([0, 30], [5, 40], "inconclusive"),  # no k clear: one dead latent fewer would have decided it
+    ([12, 369], [18, 364], "inconclusive"),  # the 11-22 default run: 0.26% vs 0.39%, 8.0% vs 7.9% of 4608
+    ([40, 30], [20, 40], "not reproduced"),  # clearly more at one k, unclear at the other
+    ([0, 0], [0, 0], "inconclusive"),
 ])
 def test_gsae_fewer_dead(g, t, want):
-    assert _v(V.gsae_fewer_dead(g, t)) == want
+    v = V.gsae_fewer_dead(g, t)
+    assert _v(v) == want
+    lo, hi = v.interval
+    assert lo <= sum(g) / max(sum(t), 1) <= hi or sum(g) == sum(t) == 0
+
+
+def test_gsae_fewer_dead_wants_counts():
+    with pytest.raises(ValueError, match="whole numbers >= 0"):
+        V.gsae_fewer_dead([0.26], [0.39])
+    with pytest.raises(ValueError, match="2 g-SAE counts but 1 TopK"):
+        V.gsae_fewer_dead([1, 2], [3])
 
 
 def test_compare_means_at_two_standard_errors():
