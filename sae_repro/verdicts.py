@@ -279,18 +279,30 @@ def mc_downstream(mutual_choice: Sequence[float], feature_choice_finetuned: Sequ
     return Verdict(_by_count(sum(beats_at_equal_l0(f) for f in families), 2), why)
 
 
-def mc_fewer_dead(dead_no_aux: Sequence[float], dead_mutual_choice_zipf: float,
-                  dead_feature_choice: float) -> Verdict:
-    """"Mutual Choice with aux_zipf_loss and Feature Choice have fewer dead latents." Dead-on-test
-    shares of the SAEs trained without an auxiliary loss (TopK, Mutual Choice) and of the two.
-    reproduced: both below every no-aux SAE; partly: one; inconclusive if the no-aux SAEs have none."""
-    why = ("criterion: fewer dead-on-test latents than both no-aux SAEs, for both (inconclusive if the "
-           "no-aux SAEs have none)")
-    baseline = float(_floats(dead_no_aux, "dead_no_aux").min())
-    if baseline == 0:
-        return Verdict("inconclusive", why, "no dead latents without an aux loss")
-    fewer = [dead_mutual_choice_zipf < baseline, dead_feature_choice < baseline]
-    return Verdict(_by_count(sum(fewer), 2), why)
+def mc_fewer_dead(dead_no_aux: Sequence[int], dead_mutual_choice_zipf: int,
+                  dead_feature_choice: int) -> Verdict:
+    """"Mutual Choice with aux_zipf_loss and Feature Choice have fewer dead latents." Counts of
+    latents dead on the test store (same width, same tokens) of the SAEs trained without an
+    auxiliary loss (TopK, Mutual Choice) and of the two. One of the two has fewer when the 95%
+    interval of its dead-latent rate ratio to every no-aux SAE lies below 1 (exact,
+    `intervals.rate_ratio_interval`), more when above 1 for one of them. reproduced: both fewer;
+    partly: one; not reproduced: neither, and one clearly more; inconclusive: no clear difference
+    (so also when the no-aux SAEs have no dead latents). The interval is Mutual Choice (aux_zipf)'s
+    ratio to the no-aux SAE with the fewest dead latents."""
+    base = _counts(dead_no_aux, "dead_no_aux")
+    pair = _counts([dead_mutual_choice_zipf, dead_feature_choice], "dead_mutual_choice_zipf, dead_feature_choice")
+    why = ("criterion: for both, the 95% interval of the dead-latent rate ratio to each no-aux SAE below 1 "
+           "(exact, from the counts; partly: one; inconclusive: no clear difference)")
+    sides = [[side(rate_ratio_interval(c, b), 1.0) for b in base] for c in pair]
+    fewer = sum(all(s == "below" for s in row) for row in sides)
+    more = any("above" in row for row in sides)
+    interval = rate_ratio_interval(pair[0], min(base))
+    if fewer:
+        return Verdict(_by_count(fewer, 2), why, interval=interval)
+    if more:
+        return Verdict("not reproduced", why, interval=interval)
+    note = "no dead latents without an aux loss" if max(base) == 0 else "no clear difference in the counts"
+    return Verdict("inconclusive", why, note, interval=interval)
 
 
 def more_latents_for_harder(rho: float, p_value: float) -> bool:

@@ -166,14 +166,17 @@ def test_mc_downstream(mc, fc, want):
     assert _v(V.mc_downstream(mc, fc)) == want
 
 
-@pytest.mark.parametrize("no_aux, mcz, fc, want", [
-    ((8.0, 10.0), 7.9, 1.0, "reproduced"),
-    ((8.0, 10.0), 8.0, 1.0, "partly"),        # equal to the lower no-aux SAE is not fewer
-    ((8.0, 10.0), 9.0, 8.5, "not reproduced"),
-    ((0.0, 10.0), 0.0, 0.0, "inconclusive"),
+# rate-ratio intervals: 0 vs 6 [0, 0.85] clear, 0 vs 5 [0, 1.09] not; 40 vs 20 [1.14, 3.61] more
+@pytest.mark.parametrize("no_aux, mcz, fc, want, noted", [
+    ((6, 10), 0, 0, "reproduced", False),  # both clearly below both no-aux SAEs
+    ((5, 10), 0, 0, "inconclusive", True),  # one latent fewer in the lower baseline: not clear
+    ((6, 10), 0, 5, "partly", False),  # FC's 5 vs 6 is not clear
+    ((20, 40), 40, 20, "not reproduced", False),  # MC(zipf) clearly more than TopK's 20; FC not clear
+    ((0, 0), 0, 0, "inconclusive", True),  # no dead latents without an aux loss
 ])
-def test_mc_fewer_dead(no_aux, mcz, fc, want):
-    assert _v(V.mc_fewer_dead(no_aux, mcz, fc)) == want
+def test_mc_fewer_dead(no_aux, mcz, fc, want, noted):
+    v = V.mc_fewer_dead(no_aux, mcz, fc)
+    assert _v(v) == want and bool(v.note) == noted and v.interval is not None
 
 
 @pytest.mark.parametrize("rho, p, want", [
