@@ -243,23 +243,22 @@ def step_runner(x: torch.Tensor, cfg: TrainConfig) -> Callable[[], None]:
     sae.init_b_dec(x[:16384].float())
     opt = Adam(sae.parameters(), lr=cfg.resolved_lr(sae.cfg.n_latents))
     dead = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)  # AuxK on, no latent dead (as in the runs)
-    B = cfg.batch_size
+    batch = cycled_batches(x, cfg.batch_size)
+    return lambda: train_step(sae, opt, batch(), cfg, dead_mask=dead, validate=False)
+
+
+def cycled_batches(x: torch.Tensor, B: int) -> Callable[[], torch.Tensor]:
+    """The next of x's first (up to) 8 batches of B tokens, fp32, round and round."""
     xb = [x[i * B:(i + 1) * B].float() for i in range(min(8, max(1, len(x) // B)))]
     count = iter(range(10**9))
-
-    def step() -> None:
-        train_step(sae, opt, xb[next(count) % len(xb)], cfg, dead_mask=dead, validate=False)
-
-    return step
+    return lambda: xb[next(count) % len(xb)]
 
 
 def sparsify_step_runner(x: torch.Tensor, args, cfg: TrainConfig, bf16: bool) -> Callable[[], None]:
     """The same for sparsify's step (on the same 8 batches)."""
-    B = args.batch_size
     _, step = sparsify_step(x.shape[1], args, cfg, 10**6, bf16)
-    xb = [x[i * B:(i + 1) * B].float() for i in range(min(8, max(1, len(x) // B)))]
-    count = iter(range(10**9))
-    return lambda: step(xb[next(count) % len(xb)])
+    batch = cycled_batches(x, args.batch_size)
+    return lambda: step(batch())
 
 
 def step_table(x: torch.Tensor, args, B: int, precisions: tuple[str, ...]) -> None:

@@ -48,6 +48,7 @@ class Chapter:
         device = self.params.get("device", "cpu")
         self.bf16: bool = resolve_bf16(self.params.get("bf16", False), device)
         self.stores: dict[str, ActivationStore] = {}
+        self._heldout: dict[str, Tensor] = {}  # hook -> the held-out tokens SAEs follow
         self._kind: str | None = None
 
     @classmethod
@@ -105,7 +106,7 @@ class Chapter:
                              f"one kind, so that its SAEs' configurations are the shared ones")
         for split, store in stores.items():
             record_input(f"activations/{split}", store.root)
-        self._kind, self.stores = kind, stores
+        self._kind, self.stores, self._heldout = kind, stores, {}
         return stores
 
     def record_input(self, name: str, path: Any) -> str:
@@ -148,8 +149,10 @@ class Chapter:
 
     def heldout(self, hook: str) -> Tensor:
         """The first HELDOUT_TOKENS tokens of the test store at `hook`: what an SAE trained on the
-        train store follows its held-out FVU on (`train.plateau` reads the curve)."""
-        return self.stores["test"].load(hook, max_tokens=HELDOUT_TOKENS)
+        train store follows its held-out FVU on (`train.plateau` reads the curve). Read once."""
+        if hook not in self._heldout:
+            self._heldout[hook] = self.stores["test"].load(hook, max_tokens=HELDOUT_TOKENS)
+        return self._heldout[hook]
 
     # ------------------------------------------------------------------------------ results
 

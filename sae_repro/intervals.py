@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import stats
 
@@ -39,12 +40,9 @@ def per_context(values: np.ndarray | torch.Tensor, context: np.ndarray | torch.T
     c = np.asarray(context).reshape(-1)
     if v.shape[0] != c.shape[0]:
         raise ValueError(f"per_context: values have {v.shape[0]} tokens, context has {c.shape[0]}")
-    _, first, inverse = np.unique(c, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # renumber contexts by first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(order.size)
-    out = np.zeros((order.size,) + v.shape[1:])
-    np.add.at(out, rank[inverse], v)
+    codes, uniques = pd.factorize(c)  # numbered by first appearance
+    out = np.zeros((len(uniques),) + v.shape[1:])
+    np.add.at(out, codes, v)
     return out
 
 

@@ -27,7 +27,7 @@ PHASES = ("collection", "training", "plotting")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _spent = {p: 0.0 for p in PHASES}
-_open: list[str] = []  # the phases entered and not yet left, outermost first
+_depth = 0  # how many phases are open (only the outermost counts)
 
 
 @contextlib.contextmanager
@@ -35,13 +35,14 @@ def phase(name: str) -> Iterator[None]:
     """Count the block's wall time toward `name` (one of PHASES) unless a phase is already open."""
     if name not in PHASES:
         raise ValueError(f"timing.phase: name={name!r}; allowed: {', '.join(PHASES)}")
-    outer = not _open
-    _open.append(name)
+    global _depth
+    outer = _depth == 0
+    _depth += 1
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        _open.pop()
+        _depth -= 1
         if outer:
             _spent[name] += time.perf_counter() - t0
             path = os.environ.get(TIMING_ENV)

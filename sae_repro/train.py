@@ -574,15 +574,14 @@ def _log_row(step: int, B: int, opt: torch.optim.Optimizer, out: dict[str, Any],
 def heldout_fvu(sae: SparseAutoencoder, x: Tensor, batch_size: int) -> float:
     """FVU on x [n, d_in] in eval mode, in batches of `batch_size`. Batch rules select within
     each batch (their threshold is only calibrated at the end of training); nothing of the SAE
-    changes (mode, threshold and config are restored)."""
-    cfg, was_training = sae.cfg, sae.training
+    changes (`reconstruct` restores the mode, and the config is restored here)."""
+    cfg = sae.cfg
     if cfg.rule in BATCH_RULES:
         sae.cfg = replace(cfg, inference="batch")
     try:
         x_hat, _ = reconstruct(sae, x, batch_size=batch_size)
     finally:
         sae.cfg = cfg
-        sae.train(was_training)
     return fvu(x.float(), x_hat)
 
 
