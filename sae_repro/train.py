@@ -53,18 +53,18 @@ Launch one process per rank with torchrun, e.g. on one machine with 2 CPU proces
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
 from sae_repro.cache import atomic_path
@@ -117,6 +117,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # steps; needs checkpoint_dir
     log_every: int = 10  # steps between history rows (each one syncs and computes metrics)
     heldout_points: int = 10  # with train_sae(heldout=...): held-out FVU at about this many rows
+    # the budget ladder: shares of the steps at which a rung SAE branches off (see `train_sae`)
+    ladder: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rule not in BUDGET_RULES:
@@ -147,6 +149,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: b_dec_init={self.b_dec_init!r}; "
                              f"allowed: 'geometric_median', 'mean', 'zero'")
         self.adam_betas = tuple(self.adam_betas)
+        self.ladder = tuple(float(f) for f in self.ladder)
+        if any(not 0 < f < 1 for f in self.ladder) or list(self.ladder) != sorted(set(self.ladder)):
+            raise ValueError(f"TrainConfig: ladder must be increasing shares of the steps in (0, 1), "
+                             f"got {self.ladder}")
         self.bf16 = resolve_bf16(self.bf16, self.device, "TrainConfig: bf16")  # the key holds the bool
 
     def resolved_n_latents(self, d_in: int) -> int:
@@ -353,12 +359,12 @@ def _load_checkpoint(directory: Path, cfg: TrainConfig, fingerprint: list[float]
     return blob
 
 
-def _restore(blob: dict[str, Any], sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-             sched: LambdaLR) -> tuple[_LatentStats, list[dict[str, float]], int]:
-    """Load a checkpoint's model, optimizer, schedule and RNG state -> (stats, history, step)."""
+def _restore(blob: dict[str, Any], sae: SparseAutoencoder,
+             opt: torch.optim.Optimizer) -> tuple[_LatentStats, list[dict[str, float]], int]:
+    """Load a checkpoint's model, optimizer and RNG state -> (stats, history, step); the learning
+    rate is a function of the step."""
     sae.load_state_dict(blob["sae"])
     opt.load_state_dict(blob["opt"])
-    sched.load_state_dict(blob["sched"])
     torch.set_rng_state(blob["rng"])
     return _LatentStats(**blob["stats"]), blob["history"], blob["step"]
 
@@ -443,11 +449,37 @@ def _resolve_data(x: Any, hook: str | None, grads: Tensor | None,
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Run:
+    """What the step loop carries: the SAE (and its DDP wrapper), optimizer, firing statistics,
+    history, the step reached, and the schedule's length (a rung's is shorter than the run's)."""
+
+    model: torch.nn.Module
+    sae: SparseAutoencoder
+    opt: torch.optim.Optimizer
+    stats: _LatentStats
+    history: list[dict[str, float]]
+    step: int
+    total: int
+
+
+def _rung_plan(cfg: TrainConfig, total: int) -> list[tuple[int, int]]:
+    """(branch step, rung steps) per share of `cfg.ladder`: a rung of s steps follows the run up
+    to the start of its own decay, s * (1 - decay_fraction), then decays to 0 at step s."""
+    plan = []
+    for f in cfg.ladder:
+        steps = max(1, round(f * total))
+        if steps < total and all(steps != s for _, s in plan):
+            plan.append((int(steps * (1 - cfg.decay_fraction)), steps))
+    return plan
+
+
 @timed("training")
 def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, grads: Tensor | None = None,
               init: SparseAutoencoder | None = None, checkpoint_dir: str | Path | None = None,
-              resume: bool = True, progress: bool = True,
-              heldout: Tensor | None = None) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
+              resume: bool = True, progress: bool = True, heldout: Tensor | None = None,
+              on_rung: Callable[[SparseAutoencoder, dict[str, Any]], None] | None = None,
+              ) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
     """Train an SAE on x [n_tokens, d_in] (or an ActivationStore and its `hook`).
 
     grads: [n_tokens, d_in] loss gradients at x (g-SAE; read from the store if not given).
@@ -463,6 +495,16 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
     without a gradient there); about `cfg.heldout_points` history rows, the last one included,
     then also carry `heldout_fvu` (NaN in the others), the curve `plateau` reads. Evaluating
     changes nothing in training (same weights with and without it).
+
+    The budget ladder (`cfg.ladder`, shares f of the steps): for each f, a rung SAE of s = f *
+    steps steps, the SAE a run of s steps would have ended with (warmup-stable-decay: the
+    learning rate is constant after warmup until a run's last `decay_fraction`, so a run of s
+    steps is this run's prefix up to s * (1 - decay_fraction), then its own decay). The branch
+    is a copy of the SAE, optimizer and firing statistics at that step, trained on the same
+    batches with the shorter schedule (the same warmup); it costs decay_fraction * s extra steps
+    and leaves the main run unchanged. Each finished rung is handed to on_rung(sae, row): row is
+    its last history row (with heldout_fvu if `heldout`) plus `rung_share`. A resumed run skips
+    the rungs that branched before its checkpoint (on_rung had them). Not with data parallel.
     """
     x, grads, hook = _resolve_data(x, hook, grads, cfg)
     n, d = x.shape
@@ -476,73 +518,122 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         raise ValueError(f"batch_size={B} is larger than the number of tokens n={n}")
     if B % world:
         raise ValueError(f"batch_size={B} must be divisible by the number of ranks {world}")
+    if cfg.ladder and (world > 1 or on_rung is None):
+        raise ValueError(f"cfg.ladder={cfg.ladder} needs on_rung= (where the rung SAEs go) and one process")
     steps_per_epoch = n // B
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
-    # held-out rows: every `every`-th log row (a whole number of log intervals), and the last
-    every = cfg.log_every * max(1, round(total / cfg.heldout_points / cfg.log_every))
+    rungs = _rung_plan(cfg, total)
 
     dev = torch.device(cfg.device)
     sae = _new_sae(x, cfg, hook, init).to(dev)
     L = sae.cfg.n_latents
     opt = Adam(sae.parameters(), lr=cfg.resolved_lr(L), betas=cfg.adam_betas, eps=cfg.adam_eps)
-    sched = LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.decay_fraction))
     stats, history, step = _LatentStats.zeros(L), [], 0
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fingerprint = _fingerprint(x)
     blob = _load_checkpoint(directory, cfg, fingerprint) if directory is not None and resume else None
     if blob is not None:
-        stats, history, step = _restore(blob, sae, opt, sched)
+        stats, history, step = _restore(blob, sae, opt)
     if world > 1:
         _check_same_on_ranks(fingerprint + [float(step)])
 
-    model = DDP(sae) if world > 1 else sae  # broadcasts rank 0's parameters and buffers
-    sae.train()
+    run = _Run(DDP(sae) if world > 1 else sae, sae, opt, stats, history, step, total)
+    data = (x, grads, heldout, steps_per_epoch, warmup)
     bar = tqdm(total=total, initial=step, desc=f"SAE {sae.cfg.rule} k={cfg.k} L={L}",
                disable=not progress or rank != 0)
     report = Progress(f"train SAE {sae.cfg.rule} k={cfg.k} latents={L}: step", total)
-    perm, perm_epoch, t_last, step_last = None, -1, time.perf_counter(), step
-    while step < total:
-        epoch, pos = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm, perm_epoch = _permutation(n, cfg.seed, epoch), epoch
-        idx = perm[pos * B:(pos + 1) * B][rank * B // world:(rank + 1) * B // world]  # contiguous shard
-        batch = x[idx].to(dev).float()
-        density = stats.density(cfg.dead_window_tokens, B).to(dev) if cfg.aux == "zipf" else None
-        out = train_step(model, opt, batch, cfg, grad=grads[idx].to(dev).float() if grads is not None else None,
-                         dead_mask=stats.dead_mask(cfg.dead_window_tokens).to(dev), density=density,
-                         validate=False)  # _resolve_data checked all of x and grads
-        sched.step()
-        if dev.type == "cpu" or (step + 1) % cfg.log_every == 0:  # a sync: on a GPU only when logging
-            _check_finite(out["loss"], step + 1, x, cfg)
-        fired = out["fired"]
-        if world > 1:
-            dist.all_reduce(fired)
-        stats.update(fired.cpu(), B, cfg.dead_window_tokens)
-        step += 1
-        if step % cfg.log_every == 0 or step == total:
-            now = time.perf_counter()
-            row = _log_row(step, B, opt, out, batch, stats, cfg, (step - step_last) * B / (now - t_last))
-            if heldout is not None:
-                row["heldout_fvu"] = (heldout_fvu(sae, heldout, B) if step % every == 0 or step == total
-                                      else math.nan)
-            t_last, step_last = time.perf_counter(), step  # the held-out pass is not training time
-            history.append(row)
+
+    def after_step(r: _Run) -> None:
+        if r.history and r.history[-1]["step"] == r.step:
+            row = r.history[-1]
             bar.set_postfix(fvu=f"{row['fvu']:.4f}", l0=f"{row['l0']:.1f}", dead=f"{row['dead_fraction']:.3f}")
         bar.update(1)
-        report.update(step)
-        if directory is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
+        report.update(r.step)
+        if directory is not None and cfg.checkpoint_every and r.step % cfg.checkpoint_every == 0 and rank == 0:
             _save_checkpoint(directory, {
-                "format": 1, "cfg": asdict(cfg), "fingerprint": fingerprint, "step": step,
-                "sae": sae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                "stats": asdict(stats), "history": history, "rng": torch.get_rng_state()})
+                "format": 2, "cfg": asdict(cfg), "fingerprint": fingerprint, "step": r.step,
+                "sae": sae.state_dict(), "opt": opt.state_dict(), "stats": asdict(r.stats),
+                "history": r.history, "rng": torch.get_rng_state()})
+
+    for branch, steps in rungs:
+        if branch < run.step:
+            continue  # branched before the checkpoint this run resumed from
+        _train_until(run, branch, cfg, data, after_step)
+        copied = copy.deepcopy(run.sae)
+        rung = _Run(copied, copied, _copy_opt(run.opt, copied, cfg), copy.deepcopy(run.stats), [], run.step, steps)
+        _train_until(rung, steps, cfg, data[:2] + (None,) + data[3:], lambda r: None)
+        row = _finish(rung, x, B, heldout)
+        on_rung(rung.sae, row | {"rung_share": steps / total})
+    _train_until(run, total, cfg, data, after_step)
     bar.close()
     if world > 1:  # DDP broadcasts buffers from rank 0 before each forward: end on rank 0's too
         for buf in sae.buffers():
             dist.broadcast(buf, 0)
-    sae._pre_buffer = None  # the step's workspace (encode_sparse(reuse=True)): free it
-    calibrate_threshold(sae, x, B)  # batch rules: infer at the training budget (others: nothing)
-    return sae.eval(), history
+    _finish(run, x, B, None)
+    return sae.eval(), run.history
+
+
+def _copy_opt(opt: torch.optim.Optimizer, sae: SparseAutoencoder, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """An optimizer of `sae` (a copy of the SAE `opt` steps) with a copy of `opt`'s state
+    (load_state_dict alone would share the moment tensors)."""
+    new = Adam(sae.parameters(), lr=opt.param_groups[0]["lr"], betas=cfg.adam_betas, eps=cfg.adam_eps)
+    new.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return new
+
+
+def _train_until(run: _Run, stop: int, cfg: TrainConfig, data: tuple, after_step: Callable[[_Run], None]) -> None:
+    """Train `run` to step `stop` on the learning-rate schedule of its `total` steps."""
+    x, grads, heldout, steps_per_epoch, warmup = data
+    n, B = x.shape[0], cfg.batch_size
+    rank, world = _dist_info()
+    dev = torch.device(cfg.device)
+    base_lr = cfg.resolved_lr(run.sae.cfg.n_latents)
+    every = cfg.log_every * max(1, round(run.total / cfg.heldout_points / cfg.log_every))  # held-out rows
+    run.sae.train()
+    perm, perm_epoch, t_last, step_last = None, -1, time.perf_counter(), run.step
+    while run.step < stop:
+        epoch, pos = divmod(run.step, steps_per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = _permutation(n, cfg.seed, epoch), epoch
+        idx = perm[pos * B:(pos + 1) * B][rank * B // world:(rank + 1) * B // world]  # contiguous shard
+        batch = x[idx].to(dev).float()
+        for group in run.opt.param_groups:
+            group["lr"] = base_lr * lr_factor(run.step, run.total, warmup, cfg.decay_fraction)
+        density = run.stats.density(cfg.dead_window_tokens, B).to(dev) if cfg.aux == "zipf" else None
+        out = train_step(run.model, run.opt, batch, cfg,
+                         grad=grads[idx].to(dev).float() if grads is not None else None,
+                         dead_mask=run.stats.dead_mask(cfg.dead_window_tokens).to(dev), density=density,
+                         validate=False)  # _resolve_data checked all of x and grads
+        if dev.type == "cpu" or (run.step + 1) % cfg.log_every == 0:  # a sync: on a GPU only when logging
+            _check_finite(out["loss"], run.step + 1, x, cfg)
+        fired = out["fired"]
+        if world > 1:
+            dist.all_reduce(fired)
+        run.stats.update(fired.cpu(), B, cfg.dead_window_tokens)
+        run.step += 1
+        if run.step % cfg.log_every == 0 or run.step == run.total:
+            now = time.perf_counter()
+            row = _log_row(run.step, B, run.opt, out, batch, run.stats, cfg,
+                           (run.step - step_last) * B / (now - t_last))
+            if heldout is not None:
+                row["heldout_fvu"] = (heldout_fvu(run.sae, heldout, B)
+                                      if run.step % every == 0 or run.step == run.total else math.nan)
+            t_last, step_last = time.perf_counter(), run.step  # the held-out pass is not training time
+            run.history.append(row)
+        after_step(run)
+
+
+def _finish(run: _Run, x: Tensor, batch_size: int, heldout: Tensor | None) -> dict[str, Any]:
+    """End a run: free the step's workspace, calibrate a batch rule's inference threshold, eval
+    mode -> its last history row (with the held-out FVU if `heldout`)."""
+    run.sae._pre_buffer = None  # the step's workspace (encode_sparse(reuse=True))
+    calibrate_threshold(run.sae, x, batch_size)  # batch rules: infer at the training budget
+    run.sae.eval()
+    row = dict(run.history[-1]) if run.history else {"step": run.step}
+    if heldout is not None and not math.isfinite(row.get("heldout_fvu", math.nan)):
+        row["heldout_fvu"] = heldout_fvu(run.sae, heldout, batch_size)
+    return row
 
 
 def _check_finite(loss: Tensor, step: int, x: Tensor, cfg: TrainConfig) -> None:

@@ -8,13 +8,21 @@ A finished SAE is saved in the SAELens on-disk format (`cfg.json` + `sae_weights
 with its training history as CSV and the sha256 of each file (`checksums.json`, verified on
 every load: a damaged or truncated SAE is retrained with a warning naming it); the folder is
 renamed into place only when complete, and training checkpoints let a killed run resume.
+
+The budget ladder (`TrainConfig.ladder`): the rung SAEs that `train_sae` branches off are saved
+as they finish (next to the checkpoint, so a killed run keeps them) and then inside the SAE's
+folder, `rungs/<steps>/` with `rung.json` (their last history row), under the same checksums;
+`ladder(key)` reads them back with the finished SAE as the top rung.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from torch import Tensor
@@ -69,12 +77,38 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
     sae, history = train_sae(data, cfg, hook=hook, grads=grads, init=init[0] if init else None,
-                             checkpoint_dir=ckpt, progress=progress, heldout=heldout)
+                             checkpoint_dir=ckpt, progress=progress, heldout=heldout,
+                             on_rung=lambda rung, row: _save_rung(ckpt / RUNGS / f"{row['step']:07d}", rung, row))
     with atomic_path(root) as tmp:
         save(sae, tmp)
         pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)
+        if (ckpt / RUNGS).exists():
+            shutil.copytree(ckpt / RUNGS, tmp / RUNGS)
         write_checksums(tmp)  # verified on every load: a damaged SAE is retrained, never used
+    shutil.rmtree(ckpt, ignore_errors=True)  # a finished SAE never resumes
     return sae, pd.DataFrame(history), key
+
+
+RUNGS = "rungs"
+
+
+def _save_rung(folder: Path, sae: SparseAutoencoder, row: dict[str, Any]) -> None:
+    with atomic_path(folder) as tmp:
+        save(sae, tmp)
+        (tmp / "rung.json").write_text(json.dumps(row, indent=1))
+
+
+def ladder(key: str) -> list[tuple[dict[str, Any], SparseAutoencoder]]:
+    """The budget ladder of the cached SAE `key`: (row, sae) per rung, by steps, the finished SAE
+    last (its history's last row); row: step, tokens, heldout_fvu, ..., rung_share. Verified
+    against the folder's checksums (a damaged folder raises: `trained_sae` retrains it)."""
+    root = cache_dir() / "saes" / key
+    problem = folder_problem(root) if root.exists() else f"no trained SAE {key} in {root.parent}"
+    if problem is not None:
+        raise ValueError(f"ladder({key!r}): {problem}")
+    rungs = [(json.loads((f / "rung.json").read_text()), load(f)) for f in sorted((root / RUNGS).glob("*"))]
+    last = pd.read_csv(root / "history.csv").iloc[-1].to_dict()
+    return rungs + [(last | {"rung_share": 1.0}, load(root))]
 
 
 def _only_hook(store: ActivationStore) -> str:

@@ -424,3 +424,60 @@ def test_training_summary_reads_the_history():
     assert (s["train_steps"], s["train_tokens_seen"], s["train_distinct_tokens"]) == (100, 25_600, 12_800)
     assert s["train_epochs"] == 2.0 and s["plateaued"] is True
     assert (s["heldout_fvu"], s["heldout_tail_gain"]) == pytest.approx((0.2971, 0.00967), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- the budget ladder
+
+
+@pytest.mark.parametrize("rule", ["topk", "mutual_choice"])
+def test_a_rung_is_the_sae_a_shorter_run_ends_with(rule):
+    """Each rung (warmup-stable-decay branch) equals an independent run of its steps with the
+    same warmup, bit for bit; the main run is the same with and without the ladder."""
+    c = cfg(rule=rule, epochs=4, warmup_steps=3, aux="auxk", ladder=(0.25, 0.5))  # 64 steps
+    rungs = []
+    main, hist = train_sae(X, c, progress=False, heldout=HELDOUT, on_rung=lambda s, r: rungs.append((s, r)))
+    plain, _ = train_sae(X, cfg(rule=rule, epochs=4, warmup_steps=3, aux="auxk"), progress=False)
+    for name, t in weights(plain).items():
+        assert torch.equal(t, weights(main)[name]), name
+    assert [r["step"] for _, r in rungs] == [16, 32] and [r["rung_share"] for _, r in rungs] == [0.25, 0.5]
+    for rung, row in rungs:
+        alone, h = train_sae(X, cfg(rule=rule, max_steps=row["step"], warmup_steps=3, aux="auxk"),
+                             progress=False, heldout=HELDOUT)
+        for name, t in weights(alone).items():
+            assert torch.equal(t, weights(rung)[name]), (row["step"], name)
+        assert row["heldout_fvu"] == h[-1]["heldout_fvu"] and not rung.training
+    assert rungs[0][1]["heldout_fvu"] > rungs[1][1]["heldout_fvu"] > hist[-1]["heldout_fvu"]
+
+
+def test_a_resumed_run_keeps_the_rungs_it_had_and_makes_the_rest(tmp_path, monkeypatch):
+    c = cfg(epochs=4, checkpoint_every=5, ladder=(0.25, 0.5))  # rungs branch at steps 12 and 25
+    first, real_step, calls = [], train_mod.train_step, {"n": 0}
+
+    def dies_at_step_24(*args, **kwargs):
+        calls["n"] += 1  # 12 main steps + the first rung's 4 + 8 more main steps
+        if calls["n"] == 25:
+            raise KeyboardInterrupt("killed")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train_step", dies_at_step_24)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(X, c, checkpoint_dir=tmp_path, progress=False, on_rung=lambda s, r: first.append(r["step"]))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert first == [16]
+    rest = []
+    resumed, _ = train_sae(X, c, checkpoint_dir=tmp_path, progress=False, on_rung=lambda s, r: rest.append(r["step"]))
+    assert rest == [32]
+    full, _ = train_sae(X, c, progress=False, on_rung=lambda s, r: None)
+    for name, t in weights(full).items():
+        assert torch.equal(t, weights(resumed)[name]), name
+
+
+@pytest.mark.parametrize("ladder", [(0.5, 0.25), (0.0, 0.5), (1.0,), (0.5, 0.5)])
+def test_bad_ladder(ladder):
+    with pytest.raises(ValueError, match="ladder must be increasing shares"):
+        TrainConfig(ladder=ladder)
+
+
+def test_a_ladder_needs_somewhere_to_put_its_rungs():
+    with pytest.raises(ValueError, match="needs on_rung="):
+        train_sae(X, cfg(epochs=1, ladder=(0.5,)), progress=False)

@@ -43,3 +43,21 @@ def test_trained_sae_on_a_tensor_is_keyed_by_its_content(isolated_cache, monkeyp
     assert len(calls) == 2 and key_nudged != key
     _, _, key_unlabelled = zoo.trained_sae(x, cfg, progress=False)  # a label is optional
     assert key_unlabelled != key
+
+
+def test_the_ladder_is_cached_with_the_sae_and_checked(isolated_cache):
+    import pytest
+
+    x = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))
+    held = torch.randn(256, 8, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(k=2, expansion=2, batch_size=128, epochs=2.0, ladder=(0.25, 0.5))  # 32 steps
+    sae, hist, key = zoo.trained_sae(x, cfg, heldout=held, progress=False)
+    rungs = zoo.ladder(key)
+    assert [r["step"] for r, _ in rungs] == [8, 16, 32] and [r["rung_share"] for r, _ in rungs] == [0.25, 0.5, 1.0]
+    assert all(r["heldout_fvu"] > 0 for r, _ in rungs)
+    torch.testing.assert_close(rungs[-1][1].W_dec, sae.W_dec)
+    assert not (isolated_cache / "checkpoints" / key).exists()  # a finished SAE keeps no checkpoint
+    weights = next((isolated_cache / "saes" / key / "rungs").glob("*/sae_weights.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        zoo.ladder(key)
