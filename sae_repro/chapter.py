@@ -2,7 +2,7 @@
 
     ch = Chapter.open("dark_matter_scaling", globals())   # the parameters, as papermill set them
     stores = ch.analysis_stores()                          # built, cached, recorded as inputs
-    sae, history, key = ch.sae("topk", k=main_k)           # the shared TopK config, main width
+    sae, history, key = ch.main_sae()                      # TopK at main_k, main width, main_epochs
     ch.figure(fig, data, "dm-fvu-vs-width", caption="...")
     print(ch.verdict("dm-nonlinear-flat", verdicts.nonlinear_flat(fvu, nl), claim=..., paper=..., ours=...))
 
@@ -32,7 +32,7 @@ from sae_repro.profiles import PARAMETERS
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.train import TrainConfig, training_summary
 from sae_repro.verdicts import Verdict
-from sae_repro.zoo import trained_sae
+from sae_repro.zoo import ladder, trained_sae
 
 HELDOUT_TOKENS = 4096  # an SAE's held-out FVU curve: paired over time, so 32 contexts suffice
 # store kind -> the parameters that size its SAEs' training (batch size, epochs)
@@ -73,7 +73,8 @@ class Chapter:
         p = self
         return Setting(model=p["model"], corpus=p["corpus"], ctx_len=p["ctx_len"],
                        drop_first=p["drop_first"], seed=p["seed"], device=p["device"], bf16=self.bf16,
-                       dead_window_tokens=p["sae_dead_window_tokens"], lr=p["sae_lr"])
+                       dead_window_tokens=p["sae_dead_window_tokens"], lr=p["sae_lr"],
+                       ladder=tuple(p["sae_ladder"]))
 
     @property
     def hook(self) -> str:
@@ -140,6 +141,17 @@ class Chapter:
             return trained_sae(data, cfg, data_key=data_key, init=init)
         hook = hook or self.hook
         return trained_sae(self.stores["train"], cfg, hook=hook, init=init, heldout=self.heldout(hook))
+
+    def main_sae(self, expansion: int | None = None) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
+        """The main SAE (TopK at main_k on the chapter's hook, default main_expansion) or, at
+        another expansion, one of the Dark Matter width sweep: trained for `main_epochs`, the
+        budget the evidence needs converged (`sae_epochs` is every other SAE's)."""
+        return self.sae("topk", self["main_k"], expansion, epochs=self["main_epochs"])
+
+    def ladder(self, key: str) -> list[tuple[dict[str, Any], SparseAutoencoder]]:
+        """The budget ladder of the SAE `key` (`zoo.ladder`): (row, sae) per rung by steps, the
+        finished SAE last; row has step, tokens, heldout_fvu and rung_share."""
+        return ladder(key)
 
     def training(self, history: pd.DataFrame) -> dict[str, Any]:
         """How an SAE of this chapter was trained, as columns for a figure's CSV: steps, tokens

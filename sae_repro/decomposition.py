@@ -299,6 +299,12 @@ class ErrorSummary:
     fit: LinearFit
     test: Decomposition
     test_idx: Tensor  # [n_test] indices into x of the held-out tokens
+    norm_fit: LinearFit | None = None  # ||SaeError||^2 from [x, 1], fitted on fit.train_idx
+    norm_test: tuple[Tensor, Tensor] | None = None  # held-out (||SaeError||^2, its prediction), [n_test] each
+
+    def vector_pair(self) -> tuple[Tensor, Tensor]:
+        """(SaeError, LinearError) on the held-out tokens [n_test, d]: vector R^2's prediction."""
+        return self.test.sae_error, self.test.linear
 
     def row(self) -> dict[str, float]:
         """The scalar fields, for a table."""
@@ -321,10 +327,12 @@ def error_summary(x: Tensor, x_hat: Tensor, *, train_frac: float = 0.5, seed: in
     norm_fit = linear_error_fit(x, err.double().pow(2).sum(1, keepdim=True), bias=True,
                                 train_idx=fit.train_idx)
     fvu_sae, fvu_nl = fvu(xt, xht), fvu(xt, xht + dec.linear)
+    norm_sq = err.double().pow(2).sum(1)[te]
     return ErrorSummary(fvu=fvu_sae, nonlinear_fvu=fvu_nl, linear_fvu=fvu_sae - fvu_nl,
                         vector_r2=fit.r2_per_dim_test, vector_r2_total=fit.r2_total_test,
                         norm_r2=norm_fit.r2_total_test, n_fit=fit.n_train, n_test=fit.n_test,
-                        fit=fit, test=dec, test_idx=fit.test_idx)
+                        fit=fit, test=dec, test_idx=fit.test_idx, norm_fit=norm_fit,
+                        norm_test=(norm_sq, norm_fit.predict(xt.double())[:, 0]))
 
 
 def norm_baselines(target: Tensor, features: dict[str, Tensor], *, train_idx: Tensor,
@@ -397,6 +405,12 @@ class PerTokenScaling:
     share_removed: float | None  # (r2_with - r2_without) / (1 - r2_without)
     n_train: int
     n_test: int
+    test_idx: Tensor | None = None  # [n_test] the scored tokens
+    pair_without: tuple[Tensor, Tensor] | None = None  # held-out (||SaeError_j||, its prediction)
+
+    def row(self) -> dict[str, float | int | None]:
+        """The scalar fields, for a table."""
+        return {k: getattr(self, k) for k in ("r2_without", "r2_with", "share_removed", "n_train", "n_test")}
 
 
 def per_token_scaling(
@@ -418,14 +432,16 @@ def per_token_scaling(
     y = _as_column("err_norm_j", err_norm_j)
     _check_pair("err_norm_i", a, "err_norm_j", y)
     base = linear_error_fit(a, y, train_frac=train_frac, bias=True, seed=seed)
+    te = base.test_idx.to(y.device)
+    held = {"test_idx": base.test_idx, "pair_without": (y[te, 0], base.predict(a[te])[:, 0])}
     if nonlinear_norm_i is None:
-        return PerTokenScaling(base.r2_total_test, None, None, base.n_train, base.n_test)
+        return PerTokenScaling(base.r2_total_test, None, None, base.n_train, base.n_test, **held)
     b = _as_column("nonlinear_norm_i", nonlinear_norm_i)
     _check_pair("err_norm_i", a, "nonlinear_norm_i", b)
     full = linear_error_fit(torch.cat([a, b], 1), y, bias=True, train_idx=base.train_idx)
     r0, r1 = base.r2_total_test, full.r2_total_test
     share = (r1 - r0) / (1 - r0) if r0 < 1 else float("nan")
-    return PerTokenScaling(r0, r1, share, base.n_train, base.n_test)
+    return PerTokenScaling(r0, r1, share, base.n_train, base.n_test, **held)
 
 
 # ----------------------------------------------------------------------------- width power law

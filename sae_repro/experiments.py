@@ -40,6 +40,7 @@ class Setting:
     bf16: bool | str = "auto"
     dead_window_tokens: int = 1_000_000  # a latent silent this long is dead (AuxK trains it)
     lr: float | None = None  # Adam's learning rate; None: TrainConfig's width rule
+    ladder: tuple[float, ...] = ()  # the budget ladder of every SAE (TrainConfig.ladder)
 
     def spec(self, **kw: Any) -> ActivationSpec:
         """An ActivationSpec of this setting (bf16 autocast of the model's forward as `bf16`)."""
@@ -48,10 +49,11 @@ class Setting:
                               autocast_bf16=self.bf16, **kw)
 
     def train_config(self, **kw: Any) -> TrainConfig:
-        """A TrainConfig with this setting's seed, device, bf16 (encoder matmul), dead window and
-        learning rate unless `kw` names them (e.g. another training seed on the same store)."""
+        """A TrainConfig with this setting's seed, device, bf16 (encoder matmul), dead window,
+        learning rate and ladder unless `kw` names them (e.g. another training seed)."""
         return TrainConfig(**({"seed": self.seed, "device": self.device, "bf16": self.bf16,
-                               "dead_window_tokens": self.dead_window_tokens, "lr": self.lr} | kw))
+                               "dead_window_tokens": self.dead_window_tokens, "lr": self.lr,
+                               "ladder": self.ladder} | kw))
 
 
 def resid(layer: int) -> str:

@@ -4,6 +4,8 @@
   context are not independent) with `scipy.stats.bootstrap`, percentile method. The statistic
   takes per-context sums (`per_context`), so a resample costs a sum over contexts, not tokens:
   FVU = sum ||e||^2 / sum ||x - mean||^2 is a ratio of such sums.
+- `r2_bootstrap`: a statistic of the held-out R^2 of several fixed predictions (the Dark Matter
+  paper's vector and norm scores, FVU as 1 - R^2), by context bootstrap.
 - `poisson_interval`: exact (Garwood) interval of a count, e.g. the dead latents of an SAE;
   `rate_ratio_interval`: exact interval of the ratio of two such counts' rates.
 - `seed_interval`: Student-t interval of a mean over training seeds (>= 2 seeds).
@@ -59,10 +61,52 @@ def context_bootstrap(statistic: Callable[..., float], *sums: np.ndarray, seed: 
         raise ValueError(f"context_bootstrap: the arrays have different numbers of contexts {sorted(n)}")
     if n.pop() < 2:
         raise ValueError("context_bootstrap: needs at least 2 contexts")
-    res = stats.bootstrap(tuple(np.asarray(s, dtype=np.float64) for s in sums), statistic, paired=True,
+    arrays = [np.asarray(s, dtype=np.float64) for s in sums]
+    # resample context indices (scipy resamples along one axis of 1-d data; sums may be [c, d])
+    res = stats.bootstrap((np.arange(len(arrays[0])),), lambda i: statistic(*(a[i] for a in arrays)),
                           vectorized=False, n_resamples=n_resamples, confidence_level=confidence,
                           method="percentile", rng=np.random.default_rng(seed))
     return _interval(res.confidence_interval.low, res.confidence_interval.high)
+
+
+def r2_bootstrap(pairs: Sequence[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
+                 context: np.ndarray | torch.Tensor, statistic: Callable[[np.ndarray], float] = np.median, *,
+                 per_dim: bool = False, seed: int = 0, n_resamples: int = N_RESAMPLES,
+                 confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
+    """A statistic of the R^2 of several predictions on the same held-out tokens, with its
+    context-bootstrap interval (the fits stay fixed; the scored tokens are resampled by context).
+
+    pairs: (y, y_hat) per prediction, each [n_tokens] or [n_tokens, d] on the tokens `context`
+    [n_tokens] numbers; R^2 = 1 - sum (y - y_hat)^2 / sum (y - mean y)^2, pooled over dimensions
+    or, with per_dim, per dimension and averaged (the Dark Matter paper's vector score; a
+    dimension without variance scores 1 if predicted exactly, else 0, as in
+    `decomposition.r2_per_dim`). statistic: [n_pairs] R^2 -> the number (default: the median;
+    `lambda r: r[0]` for one prediction; FVU = 1 - R^2 pooled). -> (value, (lo, hi))."""
+    count = per_context(np.ones(len(np.asarray(context).reshape(-1))), context)
+    sums = []
+    for y, y_hat in pairs:
+        y, y_hat = (np.asarray(t.double() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
+                    for t in (y, y_hat))
+        if y.shape != y_hat.shape:
+            raise ValueError(f"r2_bootstrap: y {y.shape} and y_hat {y_hat.shape} differ in shape")
+        y, y_hat = y.reshape(len(y), -1), y_hat.reshape(len(y_hat), -1)
+        sums += [per_context((y - y_hat) ** 2, context), per_context(y, context), per_context(y**2, context)]
+
+    def r2s(cnt: np.ndarray, *s: np.ndarray) -> np.ndarray:
+        n, out = cnt.sum(), []
+        for res, y1, y2 in zip(s[0::3], s[1::3], s[2::3]):
+            ss_res, ss_tot = res.sum(0), y2.sum(0) - y1.sum(0) ** 2 / n
+            if per_dim:
+                flat = ss_tot <= 1e-12 * max(float(y2.sum()), 1e-300)
+                r2 = np.where(flat, (ss_res == 0).astype(float), 1 - ss_res / np.where(flat, 1.0, ss_tot))
+                out.append(r2.mean())
+            else:
+                out.append(1 - ss_res.sum() / ss_tot.sum())
+        return np.asarray(out)
+
+    value = float(statistic(r2s(count, *sums)))
+    return value, context_bootstrap(lambda *a: float(statistic(r2s(*a))), count, *sums, seed=seed,
+                                    n_resamples=n_resamples, confidence=confidence)
 
 
 def poisson_interval(count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -48,6 +48,8 @@ CI: dict[str, Any] = {
     "sae_lr": 0.003,
     "sae_batch_size": 256,
     "sae_epochs": 2.0,
+    "main_epochs": 2.0,
+    "sae_ladder": [0.25, 0.5],
     "ce_n_contexts": 4,
     "dm_expansions": [2, 4, 8],
     "dm_ks": [4, 8],
@@ -96,6 +98,8 @@ QUICK: dict[str, Any] = {
     "sae_lr": 0.003,
     "sae_batch_size": 512,
     "sae_epochs": 2.0,
+    "main_epochs": 2.0,
+    "sae_ladder": [0.25, 0.5],
     "ce_n_contexts": 8,
     "dm_expansions": [2, 4, 8],
     "dm_ks": [16, 32],
@@ -118,7 +122,7 @@ QUICK: dict[str, Any] = {
     "syn_noise_scales": [0.0, 0.5, 1.0, 2.0],
 }
 
-# `default`: the committed figures, on SmolLM2-135M (~56 minutes cold on 2 AVX2 cores).
+# `default`: the committed figures, on SmolLM2-135M (cold on 2 AVX2 cores: see the Reproducibility page).
 DEFAULT: dict[str, Any] = {
     "seed": 0,
     "device": "cpu",
@@ -158,8 +162,8 @@ DEFAULT: dict[str, Any] = {
     "main_expansion": 8,
     "main_k": 32,
     # analysis stores (no gradients; sae_repro.experiments): Dark Matter and Mutual Choice chapters
-    # (default: 110k tokens, 2 epochs; 150k cost ~7 more minutes on 2 AVX2 cores)
-    "an_n_train": 110_000,
+    # (440k training tokens: ~22 minutes to collect on 2 AVX2 cores, 3 GB on disk)
+    "an_n_train": 440_000,
     "an_n_test": 40_000,
     # a latent that has not fired for this many training tokens is dead and AuxK trains it; it
     # must be well below the tokens a run sees (OpenAI / sparsify use 10M of ~billions)
@@ -170,9 +174,16 @@ DEFAULT: dict[str, Any] = {
     # constant 3e-3 gave 0.21 / 0.19 / 0.185 at 1152 / 4608 / 18432 latents (6e-3: a quarter of
     # the latents dead at 4608)
     "sae_lr": 0.003,
-    # SAEs trained on the analysis store
+    # SAEs trained on the analysis store: sae_epochs for every SAE (1 epoch = 429 Adam steps), and
+    # main_epochs for the main SAE and the Dark Matter width sweep at main_k (2,148 steps: the
+    # evidence needs them converged; 110k tokens x 2 epochs = 214 steps left the held-out FVU
+    # falling). A step at batch 1024 costs ~40 / 80 / 120 / 195 / 410 ms at 2x..32x on 2 AVX2 cores
     "sae_batch_size": 1024,
-    "sae_epochs": 2.0,
+    "sae_epochs": 1.0,
+    "main_epochs": 5.0,
+    # the budget ladder: every SAE also yields the SAEs that runs of these shares of its steps end
+    # with (train_sae: warmup-stable-decay branches, ~17% more steps), 4 budgets spanning 10x
+    "sae_ladder": [0.1, 0.25, 0.5],
     # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
     "ce_n_contexts": 32,
     # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
@@ -239,6 +250,8 @@ FULL: dict[str, Any] = {
     "sae_lr": 0.003,
     "sae_batch_size": 4096,
     "sae_epochs": 1.0,
+    "main_epochs": 1.0,
+    "sae_ladder": [0.1, 0.25, 0.5],
     "ce_n_contexts": 128,
     "dm_expansions": [4, 8, 16, 32, 64],
     "dm_ks": [16, 32, 64],
@@ -311,6 +324,8 @@ RULES: dict[str, Rule] = {
     "sae_lr": Rule(min=1e-6, max=1.0),
     "sae_dead_window_tokens": Rule(min=1),
     "sae_epochs": Rule(min=0.01),
+    "main_epochs": Rule(min=0.01),
+    "sae_ladder": Rule(min=0.001, max=0.999),
     "ce_n_contexts": Rule(min=1),
     "dm_expansions": Rule(min=1),
     "dm_ks": Rule(min=1),
@@ -388,6 +403,7 @@ _JOINT: list[tuple[tuple[str, ...], Any, str]] = [
     (("zoo_n_train", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_train must be >= zoo_batch_size (one batch)"),
     (("zoo_n_test", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_test must be >= zoo_batch_size (one batch)"),
     (("drop_first", "ctx_len"), lambda d, c: d <= c - 2, "drop_first must be <= ctx_len - 2"),
+    (("sae_ladder",), lambda f: list(f) == sorted(set(f)), "sae_ladder must be increasing shares of the steps"),
 ]
 
 

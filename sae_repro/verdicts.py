@@ -12,12 +12,12 @@ A NaN never counts as meeting a criterion; medians leave NaNs out (as pandas' do
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
 
 import numpy as np
 
-from sae_repro.intervals import rate_ratio_interval, side
+from sae_repro.intervals import Trend, rate_ratio_interval, side
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "inconclusive")
 
@@ -78,6 +78,18 @@ class Verdict:
         return self.verdict + (f" ({self.note})" if self.note else "")
 
 
+def with_trend(verdict: Verdict, t: Trend | None, unit: str = "steps") -> Verdict:
+    """The verdict with its number's trend up the budget ladder (`intervals.trend`), said in the
+    note: where it moves toward the paper's value, the budget at which the fitted line gets there."""
+    if t is None:
+        return verdict
+    said = {"flat": "flat with training budget", "away": "moves away from the paper's value with budget",
+            "toward": "moves toward the paper's value with budget"}[t.direction]
+    if t.direction == "toward" and t.budget_at_paper is not None:
+        said += f" (the log-linear fit reaches it at ~{t.budget_at_paper:.3g} {unit})"
+    return replace(verdict, trend=t.direction, note="; ".join(n for n in (verdict.note, said) if n))
+
+
 def _floats(values: Sequence[float], name: str) -> np.ndarray:
     a = np.asarray(values, dtype=float).reshape(-1)
     if a.size == 0:
@@ -112,50 +124,92 @@ def relative_drop(values: Sequence[float]) -> float:
     return float((v[0] - v[-1]) / v[0])
 
 
-def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float]) -> Verdict:
-    """"Nonlinear FVU stays roughly flat as SAEs widen." fvu, nonlinear_fvu: [n_widths], by width.
+def _graded(grade: Callable[[float], str], value: float, interval: tuple[float, float] | None,
+            thresholds: Sequence[float]) -> tuple[str, str, tuple[float, float] | None]:
+    """grade(value), or with a 95% interval: the grade of the whole interval when it lies between
+    two thresholds, else "inconclusive" -> (verdict, note, interval)."""
+    if interval is None:
+        return grade(value), "", None
+    lo, hi = float(interval[0]), float(interval[1])
+    crossed = [t for t in thresholds if lo <= t <= hi]
+    if np.isnan(lo) or np.isnan(hi):
+        return "inconclusive", "no interval (NaN)", (lo, hi)
+    if crossed or grade(lo) != grade(hi):
+        return ("inconclusive", f"95% interval [{lo:.3g}, {hi:.3g}] straddles "
+                + ", ".join(f"{t:g}" for t in crossed), (lo, hi))
+    return grade(lo), "", (lo, hi)
 
-    reproduced: the nonlinear FVU's relative change is at most FLAT_SHARE of the FVU's relative
-    fall; partly: smaller than the fall; not reproduced otherwise, or when the FVU does not fall
-    (no scaling to compare with)."""
+
+def flat_ratio(fvu: Sequence[float], nonlinear_fvu: Sequence[float]) -> float:
+    """The nonlinear FVU's relative drop over the FVU's, narrowest to widest (NaN if the FVU does
+    not fall): the number `nonlinear_flat` grades."""
     d_fvu, d_nl = relative_drop(fvu), relative_drop(nonlinear_fvu)
+    return d_nl / d_fvu if d_fvu > 0 else float("nan")
+
+
+def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float],
+                   interval: tuple[float, float] | None = None) -> Verdict:
+    """"Nonlinear FVU stays roughly flat as SAEs widen." fvu, nonlinear_fvu: [n_widths], by width;
+    interval: 95% interval of `flat_ratio` (nonlinear FVU's relative drop / FVU's).
+
+    reproduced: |ratio| <= FLAT_SHARE; partly: |ratio| < 1 (it falls less than the FVU); not
+    reproduced otherwise, or when the FVU does not fall (no scaling to compare with); with an
+    interval, inconclusive where it straddles a boundary (+-0.5, +-1)."""
     why = ("criterion: the nonlinear FVU's relative change is at most half the FVU's relative fall "
            "(partly: smaller than it)")
-    if not d_fvu > 0:
+    if not relative_drop(fvu) > 0:
         return Verdict("not reproduced", why + "; here the FVU does not fall with width",
                        "the FVU does not fall with width")
-    verdict = ("reproduced" if abs(d_nl) <= FLAT_SHARE * d_fvu else
-               "partly" if abs(d_nl) < d_fvu else "not reproduced")
-    return Verdict(verdict, why)
+
+    def grade(r: float) -> str:
+        return "reproduced" if abs(r) <= FLAT_SHARE else "partly" if abs(r) < 1 else "not reproduced"
+
+    verdict, note, ci = _graded(grade, flat_ratio(fvu, nonlinear_fvu), interval,
+                                (-1.0, -FLAT_SHARE, FLAT_SHARE, 1.0))
+    return Verdict(verdict, why, note, ci)
 
 
-def vector_half(main_r2: float, sweep_r2: Sequence[float]) -> Verdict:
+def vector_half(main_r2: float, sweep_r2: Sequence[float],
+                interval: tuple[float, float] | None = None) -> Verdict:
     """"About half of the SAE error vector is linearly predictable." main_r2: the main SAE's
-    per-dimension vector R^2; sweep_r2: every SAE's of the sweep. reproduced: the main SAE within
-    VECTOR_TOLERANCE of VECTOR_TARGET; partly: some SAE of the sweep is."""
+    per-dimension vector R^2 (interval: its 95% interval); sweep_r2: every SAE's of the sweep.
+    reproduced: the main SAE within VECTOR_TOLERANCE of VECTOR_TARGET (its whole interval);
+    partly: outside, but some SAE of the sweep is within; inconclusive: the interval straddles
+    0.5 -+ 0.2."""
     near = np.abs(_floats(sweep_r2, "sweep_r2") - VECTOR_TARGET) <= VECTOR_TOLERANCE
-    verdict = ("reproduced" if abs(main_r2 - VECTOR_TARGET) <= VECTOR_TOLERANCE else
-               "partly" if near.any() else "not reproduced")
+
+    def grade(r: float) -> str:
+        return ("reproduced" if abs(r - VECTOR_TARGET) <= VECTOR_TOLERANCE else
+                "partly" if near.any() else "not reproduced")
+
+    verdict, note, ci = _graded(grade, main_r2, interval,
+                                (VECTOR_TARGET - VECTOR_TOLERANCE, VECTOR_TARGET + VECTOR_TOLERANCE))
     return Verdict(verdict, "criterion: |R^2 - 0.5| <= 0.2 for the main SAE (partly: for some SAE "
-                            "of the sweep)")
+                            "of the sweep)", note, ci)
 
 
-def norm_predictable(r2: Sequence[float]) -> Verdict:
+def norm_predictable(r2: Sequence[float], interval: tuple[float, float] | None = None) -> Verdict:
     """"More than 90% of the error's squared norm is linearly predictable." r2: held-out R^2 of
-    ||SaeError||^2 from [x, 1], one per SAE. reproduced: median > NORM_R2; partly: > NORM_R2_PARTLY."""
-    med = _median(r2, "r2")
-    verdict = "reproduced" if med > NORM_R2 else "partly" if med > NORM_R2_PARTLY else "not reproduced"
-    return Verdict(verdict, "criterion: median over the sweep > 0.9 (partly: > 0.7)")
+    ||SaeError||^2 from [x, 1], one per SAE; interval: 95% interval of their median.
+    reproduced: median > NORM_R2; partly: > NORM_R2_PARTLY; inconclusive: the interval straddles one."""
+    def grade(m: float) -> str:
+        return "reproduced" if m > NORM_R2 else "partly" if m > NORM_R2_PARTLY else "not reproduced"
+
+    verdict, note, ci = _graded(grade, _median(r2, "r2"), interval, (NORM_R2_PARTLY, NORM_R2))
+    return Verdict(verdict, "criterion: median over the sweep > 0.9 (partly: > 0.7)", note, ci)
 
 
-def same_tokens(r2_without: Sequence[float]) -> Verdict:
+def same_tokens(r2_without: Sequence[float], interval: tuple[float, float] | None = None) -> Verdict:
     """"Larger SAEs struggle on the same tokens." r2_without: per width pair, the held-out R^2 of
-    the larger SAE's per-token error norm from the smaller one's. Thresholds are ours."""
-    med = _median(r2_without, "r2_without")
-    verdict = ("reproduced" if med >= SAME_TOKENS_R2 else
-               "partly" if med >= SAME_TOKENS_R2_PARTLY else "not reproduced")
+    the larger SAE's per-token error norm from the smaller one's; interval: 95% interval of their
+    median. Thresholds are ours (SAME_TOKENS_R2, _PARTLY); inconclusive where it straddles one."""
+    def grade(m: float) -> str:
+        return "reproduced" if m >= SAME_TOKENS_R2 else "partly" if m >= SAME_TOKENS_R2_PARTLY else "not reproduced"
+
+    verdict, note, ci = _graded(grade, _median(r2_without, "r2_without"), interval,
+                                (SAME_TOKENS_R2_PARTLY, SAME_TOKENS_R2))
     return Verdict(verdict, "criterion (ours, the paper gives no threshold): median R^2 >= 0.7 "
-                            "(partly: >= 0.4)")
+                            "(partly: >= 0.4)", note, ci)
 
 
 def nonlinear_norm_helps(share_removed: Sequence[float]) -> Verdict:

@@ -40,6 +40,35 @@ def test_bootstrap_resamples_contexts_together():
     assert lo < num.sum() / den.sum() < hi and 0.02 < hi - lo < 0.2
 
 
+def test_bootstrap_resamples_rows_of_per_context_arrays():
+    # [contexts, 2] sums whose second column is twice the first in every context: a resample of
+    # contexts (rows) keeps the ratio; resampling along the columns would not
+    sums = np.stack([np.arange(1.0, 41.0), 2 * np.arange(1.0, 41.0)], axis=1)
+    lo, hi = iv.context_bootstrap(lambda a: a[:, 1].sum() / a[:, 0].sum(), sums)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+
+
+def test_r2_bootstrap_matches_the_r2_definitions_and_brackets_them():
+    from sae_repro.decomposition import r2_per_dim, r2_total
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(3000, 6, generator=g) * torch.tensor([1.0, 2.0, 3.0, 0.5, 1.0, 4.0])
+    y[:, 3] = 7.0  # a dimension without variance, predicted exactly: scores 1
+    y_hat = y + 0.8 * torch.randn(3000, 6, generator=g)
+    y_hat[:, 3] = 7.0
+    context = torch.arange(3000) // 30
+    v, (lo, hi) = iv.r2_bootstrap([(y, y_hat)], context, lambda r: r[0], per_dim=True, n_resamples=500)
+    assert v == pytest.approx(r2_per_dim(y, y_hat), abs=1e-12) and lo < v < hi
+    v, (lo, hi) = iv.r2_bootstrap([(y, y_hat)], context, lambda r: r[0], n_resamples=500)
+    assert v == pytest.approx(r2_total(y, y_hat), abs=1e-12) and lo < v < hi < 1
+    # the median over predictions; a perfect one and a useless one (R^2 = 0 around the mean)
+    mean = y.mean(0, keepdim=True).expand_as(y)
+    v, _ = iv.r2_bootstrap([(y, y), (y, y_hat), (y, mean)], context, n_resamples=200)
+    assert v == pytest.approx(r2_total(y, y_hat), abs=1e-12)
+    with pytest.raises(ValueError, match="differ in shape"):
+        iv.r2_bootstrap([(y, y_hat[:, :2])], context)
+
+
 def test_bootstrap_input_errors():
     with pytest.raises(ValueError, match="at least one array"):
         iv.context_bootstrap(lambda: 0.0)

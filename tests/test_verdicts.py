@@ -68,6 +68,61 @@ def test_same_tokens(r2, want):
     assert _v(V.same_tokens(r2)) == want
 
 
+# with a 95% interval: the verdict of the interval where it lies between two boundaries, else
+# inconclusive (each boundary approached from both sides, and straddled)
+@pytest.mark.parametrize("ratio_ci, want", [
+    ((-0.4, 0.49), "reproduced"), ((0.45, 0.55), "inconclusive"), ((0.51, 0.99), "partly"),
+    ((0.9, 1.1), "inconclusive"), ((1.01, 2.0), "not reproduced"), ((-0.9, -0.6), "partly"),
+    ((-0.6, -0.4), "inconclusive"), ((NAN, NAN), "inconclusive"),
+])
+def test_nonlinear_flat_with_an_interval(ratio_ci, want):
+    r = V.nonlinear_flat([0.4, 0.2], [0.1, 0.1], ratio_ci)
+    assert _v(r) == want and (want != "inconclusive" or r.note)
+    assert r.interval == ratio_ci or math.isnan(r.interval[0])
+
+
+def test_flat_ratio_is_the_drop_of_the_nonlinear_fvu_over_the_fvus():
+    assert V.flat_ratio([0.4, 0.2], [0.1, 0.09]) == pytest.approx(0.2)
+    assert math.isnan(V.flat_ratio([0.2, 0.2], [0.1, 0.09]))
+
+
+@pytest.mark.parametrize("ci, sweep, want", [
+    ((0.31, 0.69), [0.9], "reproduced"), ((0.29, 0.4), [0.5], "inconclusive"),
+    ((0.6, 0.71), [0.5], "inconclusive"), ((0.72, 0.8), [0.5], "partly"), ((0.72, 0.8), [0.9], "not reproduced"),
+    ((0.1, 0.29), [0.1], "not reproduced"),
+])
+def test_vector_half_with_an_interval(ci, sweep, want):
+    assert _v(V.vector_half(sum(ci) / 2, sweep, ci)) == want
+
+
+@pytest.mark.parametrize("ci, want", [
+    ((0.91, 0.95), "reproduced"), ((0.89, 0.91), "inconclusive"), ((0.71, 0.89), "partly"),
+    ((0.69, 0.72), "inconclusive"), ((0.5, 0.69), "not reproduced"),
+])
+def test_norm_predictable_with_an_interval(ci, want):
+    assert _v(V.norm_predictable([sum(ci) / 2], ci)) == want
+
+
+@pytest.mark.parametrize("ci, want", [
+    ((0.7, 0.8), "reproduced"), ((0.69, 0.71), "inconclusive"), ((0.4, 0.69), "partly"),
+    ((0.39, 0.41), "inconclusive"), ((0.1, 0.39), "not reproduced"),
+])
+def test_same_tokens_with_an_interval(ci, want):
+    # 0.7 and 0.4 count (>=): an interval starting on the boundary still touches it
+    got = _v(V.same_tokens([sum(ci) / 2], ci))
+    assert got == ("inconclusive" if ci[0] in (0.7, 0.4) else want)
+
+
+def test_with_trend_records_the_direction_and_says_it():
+    from sae_repro.intervals import Trend
+
+    base = V.norm_predictable([0.8], (0.75, 0.85))
+    toward = V.with_trend(base, Trend("toward", 0.05, (0.02, 0.08), 12_000.0))
+    assert toward.trend == "toward" and "1.2e+04 steps" in toward.note and toward.verdict == "partly"
+    assert V.with_trend(base, Trend("flat", 0.0, (-0.1, 0.1))).note == "flat with training budget"
+    assert V.with_trend(base, None) is base
+
+
 @pytest.mark.parametrize("shares, want", [
     ([0.05, 0.06, 0.1], "reproduced"),
     ([0.049, 0.049], "partly"),             # positive but below 5% at the median
