@@ -1,0 +1,92 @@
+"""The Dark Matter paper's headline numbers for one width sweep, each with a 95% interval.
+
+    scores = headline_scores(x_test, {width: x_hat, ...}, main_width=4608, context=context)
+    scores.vector_r2, scores.vector_r2_interval, scores.flat_ratio, ...
+
+For SAEs of several widths at one k and one training budget, scored on the same held-out tokens
+(`decomposition.error_summary`'s seeded half of x):
+- vector R^2 of the main SAE (per dimension, the paper's "about half of the error vector");
+- norm R^2: the median over the widths of the held-out R^2 of ||SaeError||^2 from [x, 1];
+- flat ratio: the nonlinear FVU's relative drop from the narrowest to the widest SAE over the
+  FVU's (`verdicts.flat_ratio`; "the nonlinear FVU stays flat" is a ratio near 0);
+- same tokens: the median over width pairs of the R^2 of the larger SAE's per-token error norm
+  from the smaller one's (`decomposition.per_token_scaling`).
+The regressions are fitted once; the intervals resample the scored tokens by context
+(`intervals.r2_bootstrap`), the statistic recomputed from every prediction's R^2 jointly. Run at
+every rung of the budget ladder, these give the trend of each number with training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sae_repro.decomposition import ErrorSummary, PerTokenScaling, error_summary, per_token_scaling
+from sae_repro.intervals import r2_bootstrap
+
+
+@dataclass
+class HeadlineScores:
+    """The four numbers with their 95% intervals, and what they were computed from."""
+
+    vector_r2: float
+    vector_r2_interval: tuple[float, float]
+    norm_r2: float  # median over the widths
+    norm_r2_interval: tuple[float, float]
+    flat_ratio: float
+    flat_ratio_interval: tuple[float, float]
+    same_tokens_r2: float  # median over the width pairs
+    same_tokens_r2_interval: tuple[float, float]
+    summaries: dict[int, ErrorSummary] = field(repr=False)
+    pairs: dict[tuple[int, int], PerTokenScaling] = field(repr=False)
+
+    def row(self) -> dict[str, float]:
+        """The numbers and interval ends as flat columns (name, name_lo, name_hi)."""
+        out = {}
+        for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2"):
+            lo, hi = getattr(self, f"{name}_interval")
+            out |= {name: getattr(self, name), f"{name}_lo": lo, f"{name}_hi": hi}
+        return out
+
+
+def _flat_ratio_from_r2(r: np.ndarray) -> float:
+    """r: pooled R^2 of [Sae narrowest, Sae + linear narrowest, Sae widest, Sae + linear widest]
+    as predictions of x -> (nonlinear FVU's relative drop) / (FVU's), FVU = 1 - R^2."""
+    f_n, nl_n, f_w, nl_w = 1 - r
+    d_fvu = (f_n - f_w) / f_n
+    return float(((nl_n - nl_w) / nl_n) / d_fvu) if d_fvu > 0 else float("nan")
+
+
+def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, context: Tensor,
+                    seed: int = 0) -> HeadlineScores:
+    """x: [n, d] held-out activations; x_hats: width -> an SAE's reconstruction of x [n, d], at
+    least two widths, main_width among them; context: [n] each token's context (what the
+    bootstrap resamples)."""
+    widths = sorted(x_hats)
+    if len(widths) < 2 or main_width not in x_hats:
+        raise ValueError(f"headline_scores: needs >= 2 widths including main_width={main_width}, got {widths}")
+    context = torch.as_tensor(context).reshape(-1)
+    if len(context) != len(x):
+        raise ValueError(f"headline_scores: context has {len(context)} tokens, x has {len(x)}")
+    summaries = {w: error_summary(x, x_hats[w], seed=seed) for w in widths}
+    test_idx = summaries[widths[0]].test_idx
+    if not all(torch.equal(s.test_idx, test_idx) for s in summaries.values()):
+        raise ValueError("headline_scores: the widths' reconstructions must be of the same tokens x")
+    ctx = context[test_idx]
+    main = summaries[main_width]
+    vec, vec_ci = r2_bootstrap([main.vector_pair()], ctx, lambda r: r[0], per_dim=True, seed=seed)
+    norm, norm_ci = r2_bootstrap([summaries[w].norm_test for w in widths], ctx, np.median, seed=seed)
+    xt = x[test_idx]
+    ends = [summaries[widths[0]], summaries[widths[-1]]]
+    fvu_pairs = [pair for s, w in zip(ends, (widths[0], widths[-1]))
+                 for pair in ((xt, x_hats[w][test_idx]), (xt, x_hats[w][test_idx] + s.test.linear))]
+    flat, flat_ci = r2_bootstrap(fvu_pairs, ctx, _flat_ratio_from_r2, seed=seed)
+    norms = {w: (s.test.sae_error.norm(dim=1), s.test.nonlinear.norm(dim=1)) for w, s in summaries.items()}
+    pairs = {(wi, wj): per_token_scaling(norms[wi][0], norms[wj][0], norms[wi][1], seed=seed)
+             for a, wi in enumerate(widths) for wj in widths[a + 1:]}
+    pair_ctx = ctx[next(iter(pairs.values())).test_idx]
+    same, same_ci = r2_bootstrap([p.pair_without for p in pairs.values()], pair_ctx, np.median, seed=seed)
+    return HeadlineScores(vec, vec_ci, norm, norm_ci, flat, flat_ci, same, same_ci, summaries, pairs)

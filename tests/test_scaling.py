@@ -1,0 +1,49 @@
+"""The scaling chapter's headline numbers with intervals, on a hand-made sweep whose errors
+have a known linear part (x A_w) and a nonlinear part (noise) that does not shrink with width."""
+
+import pytest
+import torch
+
+from sae_repro import verdicts
+from sae_repro.decomposition import error_summary, per_token_scaling
+from sae_repro.scaling import headline_scores
+
+N, D = 4000, 8
+
+
+def sweep():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g) * torch.linspace(0.5, 2.0, D)
+    noise = 0.3 * torch.randn(N, D, generator=g)  # the same nonlinear error at every width
+    x_hats = {}
+    for w, scale in ((64, 0.6), (128, 0.4), (256, 0.2)):  # the linear part shrinks with width
+        x_hats[w] = x - (scale * x @ torch.eye(D).roll(1, 0) + noise * (1 + 0.1 * torch.rand(N, 1, generator=g)))
+    return x, x_hats, torch.arange(N) // 40
+
+
+def test_headline_numbers_equal_their_definitions_with_intervals_around_them():
+    x, x_hats, context = sweep()
+    s = headline_scores(x, x_hats, main_width=128, context=context)
+    direct = {w: error_summary(x, xh) for w, xh in x_hats.items()}
+    assert s.vector_r2 == pytest.approx(direct[128].vector_r2, abs=1e-6)
+    assert s.norm_r2 == pytest.approx(sorted(d.norm_r2 for d in direct.values())[1], abs=1e-6)
+    assert s.flat_ratio == pytest.approx(verdicts.flat_ratio([direct[64].fvu, direct[256].fvu],
+                                                             [direct[64].nonlinear_fvu, direct[256].nonlinear_fvu]),
+                                         abs=1e-6)
+    e = {w: (d.test.sae_error.norm(dim=1), d.test.nonlinear.norm(dim=1)) for w, d in direct.items()}
+    r2s = sorted(per_token_scaling(e[a][0], e[b][0], e[a][1]).r2_without for a, b in ((64, 128), (64, 256), (128, 256)))
+    assert s.same_tokens_r2 == pytest.approx(r2s[1], abs=1e-6)
+    for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2"):
+        lo, hi = getattr(s, f"{name}_interval")
+        assert lo < getattr(s, name) < hi, name
+    # the nonlinear FVU is flat here while the FVU falls: a ratio near 0, an interval around it
+    assert abs(s.flat_ratio) < 0.1 and s.flat_ratio_interval[1] - s.flat_ratio_interval[0] < 0.3
+    assert set(s.row()) >= {"vector_r2_lo", "same_tokens_r2_hi"}
+
+
+def test_headline_scores_input_errors():
+    x, x_hats, context = sweep()
+    with pytest.raises(ValueError, match="main_width=512"):
+        headline_scores(x, x_hats, main_width=512, context=context)
+    with pytest.raises(ValueError, match="context has 10 tokens"):
+        headline_scores(x, x_hats, main_width=128, context=context[:10])
