@@ -256,16 +256,38 @@ def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]
                    "criterion: higher held-out FVU on the nonlinear error at every k (partly: at half)")
 
 
-def pursuit_slight(relative_decrease: Sequence[float]) -> Verdict:
+def pursuit_slight(relative_decrease: Sequence[float],
+                   intervals: Sequence[tuple[float, float]] | None = None) -> Verdict:
     """"Gradient pursuit reduces the nonlinear error only very slightly." Per width: 1 - nonlinear
-    FVU with pursuit / with the SAE's encoder. reproduced: 0 <= decrease < PURSUIT_SLIGHT at every
-    width; partly: abs(change) below it everywhere (but not a decrease everywhere)."""
+    FVU with pursuit / with the SAE's encoder (intervals: each one's 95% interval). reproduced:
+    0 <= decrease < PURSUIT_SLIGHT at every width; partly: abs(change) below it everywhere (but
+    not a decrease everywhere). With intervals, each width is judged on its whole interval: not
+    reproduced as soon as one width's interval lies beyond +-PURSUIT_SLIGHT, else inconclusive
+    where an interval straddles 0 or PURSUIT_SLIGHT."""
     r = _floats(relative_decrease, "relative_decrease")
+    if intervals is not None:
+        ci = np.asarray(intervals, dtype=float).reshape(-1, 2)
+        if len(ci) != len(r):
+            raise ValueError(f"pursuit_slight: {len(ci)} intervals for {len(r)} widths")
+        if (ci[:, 0] >= PURSUIT_SLIGHT).any() or (ci[:, 1] <= -PURSUIT_SLIGHT).any():  # clearly not slight
+            return Verdict("not reproduced", _PURSUIT_WHY, interval=_span(ci))
+        straddles = [(lo, hi) for lo, hi in ci if not (0 <= lo and hi < PURSUIT_SLIGHT)
+                     and not (-PURSUIT_SLIGHT < lo and hi < 0)]
+        if straddles or np.isnan(ci).any():
+            return Verdict("inconclusive", _PURSUIT_WHY, f"{len(straddles)} of {len(ci)} widths' 95% intervals "
+                           f"straddle 0 or {100 * PURSUIT_SLIGHT:.0f}%", _span(ci))
+        r = ci.mean(1)  # every interval lies on one side of each boundary
     if ((r >= 0) & (r < PURSUIT_SLIGHT)).all():
-        return Verdict("reproduced", _PURSUIT_WHY)
+        return Verdict("reproduced", _PURSUIT_WHY, interval=_span(ci) if intervals is not None else None)
     if (np.abs(r) < PURSUIT_SLIGHT).all():
-        return Verdict("partly", _PURSUIT_WHY, "the change is slight, but not a decrease at every width")
-    return Verdict("not reproduced", _PURSUIT_WHY)
+        return Verdict("partly", _PURSUIT_WHY, "the change is slight, but not a decrease at every width",
+                       _span(ci) if intervals is not None else None)
+    return Verdict("not reproduced", _PURSUIT_WHY, interval=_span(ci) if intervals is not None else None)
+
+
+def _span(ci: np.ndarray) -> tuple[float, float]:
+    """The interval reported for several: from the lowest lower end to the highest upper end."""
+    return float(np.nanmin(ci[:, 0])), float(np.nanmax(ci[:, 1]))
 
 
 _PURSUIT_WHY = (f"criterion: 0 <= decrease < {100 * PURSUIT_SLIGHT:.0f}% at every width "

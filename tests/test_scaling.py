@@ -47,3 +47,22 @@ def test_headline_scores_input_errors():
         headline_scores(x, x_hats, main_width=512, context=context)
     with pytest.raises(ValueError, match="context has 10 tokens"):
         headline_scores(x, x_hats, main_width=128, context=context[:10])
+
+
+def test_pursuit_gain_compares_the_encoder_with_pursuit_on_its_decoder():
+    from sae_repro.decomposition import pursuit_reconstruct
+    from sae_repro.sae import SAEConfig, SparseAutoencoder
+    from sae_repro.train import reconstruct
+    from sae_repro.scaling import pursuit_gain
+
+    x, _, context = sweep()
+    sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=32, k=3), seed=0).eval()
+    g = pursuit_gain(sae, x, context)
+    x_hat, l0 = reconstruct(sae, x)
+    enc, gp = error_summary(x, x_hat), error_summary(x, pursuit_reconstruct(sae, x, l0)[0])
+    assert g["nonlinear_gain"] == pytest.approx(1 - gp.nonlinear_fvu / enc.nonlinear_fvu, abs=1e-6)
+    assert g["fvu_gain"] == pytest.approx(1 - gp.fvu / enc.fvu, abs=1e-6)
+    assert g["gain_ratio"] == pytest.approx(g["nonlinear_gain"] / g["fvu_gain"])
+    for name in ("nonlinear_gain", "fvu_gain"):
+        assert g[f"{name}_lo"] < g[name] < g[f"{name}_hi"]
+    assert g["fvu_gain"] > 0  # pursuit minimises the reconstruction error that a random encoder ignores

@@ -311,3 +311,18 @@ def test_verdict_rejects_unknown_words():
     with pytest.raises(ValueError, match="verdict"):
         V.Verdict("partly reproduced", "x")
     assert str(V.Verdict("inconclusive", "x", "no difference")) == "inconclusive (no difference)"
+
+
+@pytest.mark.parametrize("cis, want", [
+    ([(0.01, 0.05), (0.0, 0.09)], "reproduced"),
+    ([(0.01, 0.05), (-0.05, -0.01)], "partly"),            # a slight increase at one width
+    ([(0.01, 0.05), (0.08, 0.12)], "inconclusive"),        # straddles 10%
+    ([(-0.01, 0.02), (0.01, 0.05)], "inconclusive"),       # straddles 0
+    ([(0.01, 0.05), (0.10, 0.15)], "not reproduced"),      # at or above 10%: clearly not slight
+    ([(0.01, 0.05), (-0.3, -0.1)], "not reproduced"),      # a large increase
+])
+def test_pursuit_slight_with_intervals(cis, want):
+    r = V.pursuit_slight([sum(c) / 2 for c in cis], cis)
+    assert _v(r) == want and r.interval == (min(c[0] for c in cis), max(c[1] for c in cis))
+    with pytest.raises(ValueError, match="2 intervals for 1 widths"):
+        V.pursuit_slight([0.1], cis)
