@@ -130,15 +130,16 @@ class Chapter:
 
     def sae(self, rule: str, k: int, expansion: int | None = None, *, hook: str | None = None,
             data: Tensor | None = None, data_key: str | None = None,
-            init: tuple[SparseAutoencoder, str] | None = None,
+            init: tuple[SparseAutoencoder, str] | None = None, heldout: Tensor | None = None,
             **kw: Any) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
         """The trained (or cached) SAE of `config(rule, k, expansion, **kw)` -> (sae, history, key).
 
-        It trains on the training store at `hook` (default: the chapter's hook), or on a tensor
-        `data` [n, d] derived from the stores (keyed by its bytes and `data_key`)."""
+        It trains on the training store at `hook` (default: the chapter's hook), following its
+        held-out FVU on `heldout(hook)`, or on a tensor `data` [n, d] derived from the stores
+        (keyed by its bytes and `data_key`), following it on `heldout` [m, d] if given."""
         cfg = self.config(rule, k, expansion, **kw)
         if data is not None:
-            return trained_sae(data, cfg, data_key=data_key, init=init)
+            return trained_sae(data, cfg, data_key=data_key, init=init, heldout=heldout)
         hook = hook or self.hook
         return trained_sae(self.stores["train"], cfg, hook=hook, init=init, heldout=self.heldout(hook))
 
@@ -153,11 +154,13 @@ class Chapter:
         finished SAE last; row has step, tokens, heldout_fvu and rung_share."""
         return ladder(key)
 
-    def training(self, history: pd.DataFrame) -> dict[str, Any]:
+    def training(self, history: pd.DataFrame, n_tokens: int | None = None) -> dict[str, Any]:
         """How an SAE of this chapter was trained, as columns for a figure's CSV: steps, tokens
-        seen, distinct tokens, epochs, held-out FVU and its plateau (`train.training_summary`)."""
+        seen, distinct tokens (n_tokens; default: the training store's), epochs, held-out FVU
+        and its plateau (`train.training_summary`)."""
         batch, _ = _TRAINING[self._kind]
-        return training_summary(history, self.stores["train"].spec.n_tokens, self[batch])
+        n = n_tokens if n_tokens is not None else self.stores["train"].spec.n_tokens
+        return training_summary(history, n, self[batch])
 
     def heldout(self, hook: str) -> Tensor:
         """The first HELDOUT_TOKENS tokens of the test store at `hook`: what an SAE trained on the
