@@ -120,3 +120,60 @@ def pursuit_gain(sae: "SparseAutoencoder", x: Tensor, context: Tensor, *, seed: 
             "l0_pursuit": float(l0_gp.float().mean()), "nonlinear_gain": nl_gain, "nonlinear_gain_lo": nl_ci[0],
             "nonlinear_gain_hi": nl_ci[1], "fvu_gain": fvu_gain, "fvu_gain_lo": fvu_ci[0], "fvu_gain_hi": fvu_ci[1],
             "gain_ratio": nl_gain / fvu_gain if fvu_gain != 0 else float("nan")}
+
+
+PARTS = ("SaeError", "LinearError", "NonlinearError")
+
+
+def component_r2(x: Tensor, x_hat: Tensor, predictors: dict[str, Tensor], *, train_idx: Tensor,
+                 context: Tensor, seed: int = 0) -> list[dict[str, float]]:
+    """The authors' reading of "earlier components" (`simple_circuits.py`, per NOTES.md): for each
+    predictor (an earlier component's SAE reconstruction [n, d_p]) and each part of the SAE's
+    error (SaeError, LinearError, NonlinearError [n, d], LinearError fitted from x on
+    `train_idx`), one least-squares regression of the part on the predictor, no intercept,
+    fitted on `train_idx`; the held-out R^2 per output dimension, averaged, with its 95%
+    context-bootstrap interval (context [n]). -> rows (predictor, part, r2, r2_lo, r2_hi)."""
+    from sae_repro.decomposition import linear_error_fit
+
+    err = (x - x_hat).double()
+    fit = linear_error_fit(x, err, train_idx=train_idx)
+    te = fit.test_idx
+    linear = fit.predict(x.double())
+    parts = dict(zip(PARTS, (err, linear, err - linear)))
+    ctx = torch.as_tensor(context).reshape(-1)[te]
+    rows = []
+    for name, p in predictors.items():
+        for part, target in parts.items():
+            pf = linear_error_fit(p, target, train_idx=fit.train_idx)
+            r2, (lo, hi) = r2_bootstrap([(target[te], pf.predict(p[te].double()))], ctx, lambda r: r[0],
+                                        per_dim=True, seed=seed)
+            rows.append({"predictor": name, "part": part, "r2": r2, "r2_lo": lo, "r2_hi": hi})
+    return rows
+
+
+RIDGE_ALPHAS = np.logspace(-5, 3, 17)  # times n_train * the mean variance of a predictor column
+
+
+def ridge_nonlinear(x: Tensor, x_hat: Tensor, predictor: Tensor, *, train_idx: Tensor) -> dict[str, float]:
+    """`decomposition.explain_nonlinear` for one wide predictor [n, d_p] (e.g. three SAE outputs
+    side by side), with a ridge penalty instead of plain least squares: scikit-learn's RidgeCV
+    (with an intercept) picks the penalty on the fitting tokens by efficient leave-one-out
+    error, from RIDGE_ALPHAS scaled to the predictor; scored on the other tokens like
+    explain_nonlinear. -> dict(r2, nonlinear_fvu, nonlinear_fvu_after, alpha)."""
+    from sklearn.linear_model import RidgeCV
+
+    from sae_repro.decomposition import linear_error_fit
+    from sae_repro.metrics import fvu
+
+    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
+    tr, te = fit.train_idx, fit.test_idx
+    nonlinear = ((x - x_hat).double() - fit.predict(x.double())).numpy()
+    p = predictor.double().numpy()
+    scale = len(tr) * float(p[tr].var(0).mean())
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS * scale).fit(p[tr], nonlinear[tr])
+    pred = torch.from_numpy(ridge.predict(p[te]))
+    base = x_hat[te].double() + fit.predict(x[te].double())
+    held = torch.from_numpy(nonlinear[te])
+    r2 = 1 - float((held - pred).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
+    return {"r2": r2, "nonlinear_fvu": fvu(x[te], base), "nonlinear_fvu_after": fvu(x[te], base + pred),
+            "alpha": float(ridge.alpha_)}

@@ -52,8 +52,8 @@ def test_headline_scores_input_errors():
 def test_pursuit_gain_compares_the_encoder_with_pursuit_on_its_decoder():
     from sae_repro.decomposition import pursuit_reconstruct
     from sae_repro.sae import SAEConfig, SparseAutoencoder
-    from sae_repro.train import reconstruct
     from sae_repro.scaling import pursuit_gain
+    from sae_repro.train import reconstruct
 
     x, _, context = sweep()
     sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=32, k=3), seed=0).eval()
@@ -66,3 +66,40 @@ def test_pursuit_gain_compares_the_encoder_with_pursuit_on_its_decoder():
     for name in ("nonlinear_gain", "fvu_gain"):
         assert g[f"{name}_lo"] < g[name] < g[f"{name}_hi"]
     assert g["fvu_gain"] > 0  # pursuit minimises the reconstruction error that a random encoder ignores
+
+
+def _earlier_case():
+    """x = a + b with a nonlinear error that a nonlinear function of `a` predicts."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(N, D, generator=g), torch.randn(N, D, generator=g)
+    x = a + b
+    x_hat = x - 0.5 * torch.relu(a) - 0.1 * torch.randn(N, D, generator=g)  # error: nonlinear in a
+    junk = torch.randn(N, 3 * D, generator=g)
+    return x, x_hat, {"relu(a)": torch.relu(a), "junk": junk}, torch.arange(N) // 40
+
+
+def test_component_r2_finds_the_component_that_holds_the_nonlinear_error():
+    from sae_repro.scaling import component_r2
+
+    x, x_hat, preds, context = _earlier_case()
+    half = torch.randperm(N, generator=torch.Generator().manual_seed(1))[: N // 2]
+    rows = {(r["predictor"], r["part"]): r for r in component_r2(x, x_hat, preds, train_idx=half, context=context)}
+    # junk predicts nothing; without an intercept it cannot even take the error's mean (R^2 < 0)
+    assert rows["relu(a)", "NonlinearError"]["r2"] > 0.5 and rows["junk", "NonlinearError"]["r2"] < 0.05
+    for r in rows.values():
+        assert r["r2_lo"] < r["r2"] < r["r2_hi"]
+
+
+def test_ridge_nonlinear_penalises_a_wide_useless_predictor_and_keeps_a_useful_one():
+    from sae_repro.decomposition import explain_nonlinear
+    from sae_repro.scaling import ridge_nonlinear
+
+    x, x_hat, preds, _ = _earlier_case()
+    small = torch.randperm(N, generator=torch.Generator().manual_seed(1))[:200]  # few tokens per coefficient
+    junk = torch.cat([preds["junk"]] * 4, 1) + 0.01 * torch.randn(N, 12 * D, generator=torch.Generator().manual_seed(2))
+    ols = explain_nonlinear(x, x_hat, {"junk": junk}, train_idx=small)[0]
+    ridge = ridge_nonlinear(x, x_hat, junk, train_idx=small)
+    assert ols["nonlinear_fvu_after"] > ols["nonlinear_fvu"]  # least squares overfits
+    assert ridge["nonlinear_fvu_after"] < ols["nonlinear_fvu_after"] and ridge["alpha"] > 0
+    useful = ridge_nonlinear(x, x_hat, torch.cat([preds["relu(a)"], preds["junk"]], 1), train_idx=small)
+    assert useful["nonlinear_fvu_after"] < 0.8 * useful["nonlinear_fvu"]
