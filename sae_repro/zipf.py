@@ -22,7 +22,11 @@ used is `fit_on`. The paper does not say whether its middle R^2 comes from a sep
 `fit_zipf(d, fit_on="middle").r2_middle`.
 
 The middle range is 1-based and inclusive, and is clipped to the live ranks 1..n_live (a
-16k-latent SAE has no rank 20,000); `ZipfFit.middle` holds the clipped range.
+16k-latent SAE has no rank 20,000); `ZipfFit.middle` holds the clipped range. Clipping keeps
+the tail cut-off the paper's range excluded, so `proportional_middle` scales the paper's range
+to another width instead (as the same share of the ranks), and `supported_ranks` counts the
+ranks whose density rests on at least MIN_FIRINGS firings: `fit_zipf(max_rank=)` fits only
+those, since a density seen a few times is mostly counting noise.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ from scipy import stats
 from torch import Tensor
 
 FIT_ON = ("all", "middle")
+PAPER_MIDDLE = (100, 20_000)  # the paper's middle ranks
+# the width those ranks are of: GPT-2 small's d_model 768 x 32 *(our reading: the paper's figure
+# does not state the width; its curves reach past rank 20,000)*
+PAPER_WIDTH = 24_576
+MIN_FIRINGS = 30  # a ranked density must rest on at least this many firings
 
 
 @dataclass
@@ -53,6 +62,7 @@ class ZipfFit:
     n_dead: int  # latents with density 0, excluded from the fit
     n_latents: int
     fit_on: str
+    n_cut: int = 0  # live latents past max_rank, left out of every R^2 and fit
 
     def predict(self, rank: Tensor | np.ndarray | float) -> np.ndarray:
         """Fitted density at 1-based `rank` (any shape)."""
@@ -91,17 +101,24 @@ def _r2(y: np.ndarray, y_hat: np.ndarray) -> float:
 def fit_zipf(
     densities: Tensor | np.ndarray,
     *,
-    middle: tuple[int, int] = (100, 20_000),
+    middle: tuple[int, int] = PAPER_MIDDLE,
     fit_on: Literal["all", "middle"] = "all",
+    max_rank: int | None = None,
 ) -> ZipfFit:
     """Fit a Zipf law to a feature-density curve.  densities: [n_latents], any order, >= 0.
 
-    Counts work as well as fractions (only log_c changes).
+    Counts work as well as fractions (only log_c changes). max_rank: keep only the densest
+    max_rank live latents (e.g. `supported_ranks`); the middle range is clipped to them.
     """
     if fit_on not in FIT_ON:
         raise ValueError(f"fit_on={fit_on!r}: expected one of {FIT_ON}")
     d = _as_numpy(densities)
     live = np.sort(d[d > 0])[::-1]  # dead latents sort last, so live ranks are 1..n_live
+    n_cut = 0
+    if max_rank is not None:
+        if int(max_rank) < 1:
+            raise ValueError(f"max_rank={max_rank!r}: expected a positive rank or None")
+        n_cut, live = max(0, live.size - int(max_rank)), live[:int(max_rank)]
     n_live = live.size
     if n_live < 3:
         raise ValueError(f"densities: only {n_live} of {d.size} latents have density > 0; "
@@ -119,9 +136,28 @@ def fit_zipf(
         exponent=float(-fit.slope), exponent_se=float(fit.stderr),
         log_c=float(fit.intercept), log_c_se=float(fit.intercept_stderr),
         r2_all=_r2(log_d, pred), r2_middle=_r2(log_d[mid], pred[mid]), middle=(lo, hi),
-        n_fitted=int(log_r[sel].size), n_dead=int(d.size - n_live), n_latents=int(d.size),
-        fit_on=fit_on,
+        n_fitted=int(log_r[sel].size), n_dead=int(d.size - n_live - n_cut), n_latents=int(d.size),
+        fit_on=fit_on, n_cut=n_cut,
     )
+
+
+def proportional_middle(n_latents: int, middle: tuple[int, int] = PAPER_MIDDLE,
+                        paper_width: int = PAPER_WIDTH) -> tuple[int, int]:
+    """The paper's middle ranks as the same shares of the ranks at `n_latents` (1-based,
+    inclusive): (100, 20,000) of 24,576 -> (19, 3,750) of 4,608."""
+    lo, hi = _clip_middle(middle, paper_width)
+    if n_latents < 1:
+        raise ValueError(f"n_latents={n_latents!r}: expected a positive width")
+    return max(1, round(lo * n_latents / paper_width)), max(2, round(hi * n_latents / paper_width))
+
+
+def supported_ranks(densities: Tensor | np.ndarray, n_tokens: int, min_firings: int = MIN_FIRINGS) -> int:
+    """How many latents fired at least `min_firings` times on the `n_tokens` tokens their
+    densities (fractions of tokens) were measured on: the ranks a density curve can rest on."""
+    d = _as_numpy(densities)
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens={n_tokens!r}: expected a positive number of tokens")
+    return int((np.rint(d * n_tokens) >= min_firings).sum())
 
 
 def zipf_curve_frame(densities: Tensor | np.ndarray, fit: ZipfFit) -> pd.DataFrame:

@@ -97,3 +97,25 @@ def test_bad_arguments():
         fit_zipf(d, middle=(50, 10))
     with pytest.raises(ValueError, match="fit was made on"):
         zipf_curve_frame(d[:50], fit_zipf(d))
+
+
+def test_the_paper_middle_scales_with_width_and_the_curve_stops_where_firings_run_out():
+    from sae_repro.zipf import proportional_middle, supported_ranks
+
+    assert proportional_middle(24_576) == (100, 20_000)
+    assert proportional_middle(4608) == (19, 3750)
+    n_tokens = 10_000
+    counts = np.array([500, 100, 31, 30, 29, 3, 0])
+    assert supported_ranks(counts / n_tokens, n_tokens) == 4  # 30 counts, 29 does not
+    assert supported_ranks(counts / n_tokens, n_tokens, min_firings=3) == 6
+
+
+def test_fit_zipf_max_rank_keeps_only_the_densest_ranks():
+    ranks = np.arange(1, 201, dtype=float)
+    d = 0.1 * ranks**-1.0
+    d[150:] = 1e-9  # a tail that breaks the law
+    cut = fit_zipf(d, middle=(10, 100), max_rank=150)
+    assert cut.r2_all == pytest.approx(1.0) and cut.exponent == pytest.approx(1.0)
+    assert cut.n_cut == 50 and cut.n_dead == 0 and fit_zipf(d).r2_all < 0.99
+    with pytest.raises(ValueError, match="max_rank=0"):
+        fit_zipf(d, max_rank=0)
