@@ -69,6 +69,9 @@ class ActivationSpec:
     contexts_per_shard: int = 256
     batch_contexts: int = 16
     seed: int = 0
+    # leave out the first skip_contexts contexts of the seeded order: tokens that a store of the
+    # same split and seed (e.g. the one the main SAE trained on) does not hold
+    skip_contexts: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -81,6 +84,8 @@ class ActivationSpec:
             raise ValueError(f"n_tokens={self.n_tokens}: expected a positive number")
         if not self.hooks:
             raise ValueError("hooks=(): name at least one hook point")
+        if isinstance(self.skip_contexts, bool) or not isinstance(self.skip_contexts, int) or self.skip_contexts < 0:
+            raise ValueError(f"skip_contexts={self.skip_contexts!r}: expected a whole number >= 0")
         object.__setattr__(self, "hooks", tuple(self.hooks))
         # the key holds the resolved bool: a bf16 and an fp32 store are different stores
         object.__setattr__(self, "autocast_bf16",
@@ -238,17 +243,20 @@ def _tokenized(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
 def _contexts(spec: ActivationSpec, corpus: Corpus, tokenizer) -> Tensor:
     """The spec's contexts, shuffled by seed -> [n_contexts, ctx_len]."""
     all_ctx = _tokenized(spec, corpus, tokenizer)
-    if spec.n_contexts > len(all_ctx):
+    if spec.skip_contexts + spec.n_contexts > len(all_ctx):
         raise ValueError(
-            f"n_tokens={spec.n_tokens} needs {spec.n_contexts} contexts of {spec.ctx_len} tokens but "
-            f"the {spec.split} split of {spec.corpus!r} has {len(all_ctx)} "
-            f"(at most {len(all_ctx) * spec.kept_per_context} kept tokens)")
+            f"n_tokens={spec.n_tokens} needs {spec.n_contexts} contexts of {spec.ctx_len} tokens after "
+            f"skip_contexts={spec.skip_contexts} but the {spec.split} split of {spec.corpus!r} has "
+            f"{len(all_ctx)} (at most {len(all_ctx) * spec.kept_per_context} kept tokens)")
     order = torch.randperm(len(all_ctx), generator=torch.Generator().manual_seed(spec.seed))
-    return all_ctx[order[: spec.n_contexts]]
+    return all_ctx[order[spec.skip_contexts: spec.skip_contexts + spec.n_contexts]]
 
 
 def store_key(spec: ActivationSpec, corpus_hash: str) -> str:
-    return hash_inputs({"format": FORMAT_VERSION, "spec": asdict(spec), "corpus": corpus_hash,
+    fields = asdict(spec)
+    if not fields["skip_contexts"]:  # stores from before the field keep their keys
+        del fields["skip_contexts"]
+    return hash_inputs({"format": FORMAT_VERSION, "spec": fields, "corpus": corpus_hash,
                         "model": model_identity(spec.model, spec.seed)})
 
 

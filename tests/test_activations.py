@@ -126,3 +126,23 @@ def test_bad_inputs_get_clear_errors(isolated_cache):
         spec(dtype="int8")
     with pytest.raises(ValueError, match="drop_first"):
         spec(drop_first=40)
+
+
+def test_skip_contexts_gives_the_tokens_a_smaller_store_does_not_hold(isolated_cache):
+    from dataclasses import asdict
+
+    from sae_repro.cache import hash_inputs
+
+    first, fresh, both = spec(n_tokens=290), spec(n_tokens=290, skip_contexts=10), spec(n_tokens=580)  # 29 kept / ctx
+    a, b, ab = (collect(s, progress=False) for s in (first, fresh, both))
+    assert torch.equal(torch.cat([a.contexts(), b.contexts()]), ab.contexts())
+    assert torch.equal(torch.cat([a.load(HOOKS[0]), b.load(HOOKS[0])]), ab.load(HOOKS[0]))
+    # a store without skipped contexts keeps the key it had before the field existed
+    old = {k: v for k, v in asdict(first).items() if k != "skip_contexts"}
+    corpus_hash = a.manifest["corpus_hash"]
+    assert A.store_key(first, corpus_hash) == hash_inputs({"format": A.FORMAT_VERSION, "spec": old, "corpus": corpus_hash,
+                                                           "model": A.model_identity(first.model, first.seed)})
+    with pytest.raises(ValueError, match="skip_contexts=-1"):
+        spec(skip_contexts=-1)
+    with pytest.raises(ValueError, match="after skip_contexts=1000000000"):
+        collect(spec(skip_contexts=10**9), progress=False)
