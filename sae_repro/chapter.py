@@ -25,7 +25,7 @@ import pandas as pd
 from torch import Tensor
 
 from sae_repro.activations import ActivationStore
-from sae_repro.experiments import Setting, analysis_stores, gradient_stores, resid
+from sae_repro.experiments import Setting, analysis_stores, fresh_store, gradient_stores, resid
 from sae_repro.figures import record_input, record_verdict, save_figure
 from sae_repro.precision import resolve_bf16
 from sae_repro.profiles import PARAMETERS
@@ -100,6 +100,14 @@ class Chapter:
         stores = gradient_stores(self.setting, sae_layer=self["sae_layer"],
                                  n_train=self["zoo_n_train"], n_test=self["zoo_n_test"])
         return self._opened("gradient", stores)
+
+    def fresh_store(self, n_tokens: int) -> ActivationStore:
+        """`n_tokens` training-split tokens at the chapter's hook that the analysis training store
+        (`an_n_train`) does not hold (`experiments.fresh_store`), recorded as an input."""
+        store = fresh_store(self.setting, sae_layer=self["sae_layer"], skip_tokens=self["an_n_train"],
+                            n_tokens=n_tokens)
+        record_input("activations/fresh", store.root)
+        return store
 
     def _opened(self, kind: str, stores: dict[str, ActivationStore]) -> dict[str, ActivationStore]:
         if self._kind not in (None, kind):

@@ -18,7 +18,7 @@ Two kinds of store, both of the residual stream after block `sae_layer` of one m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sae_repro.activations import ActivationSpec, ActivationStore, collect
@@ -86,3 +86,13 @@ def gradient_stores(s: Setting, *, sae_layer: int, n_train: int, n_test: int,
     return {split: collect(s.spec(hooks=(resid(sae_layer),), split=split, n_tokens=n,
                                   with_grad=True), progress=progress)
             for split, n in (("train", n_train), ("test", n_test))}
+
+
+def fresh_store(s: Setting, *, sae_layer: int, skip_tokens: int, n_tokens: int,
+                progress: bool = True) -> ActivationStore:
+    """Training-split tokens of the SAE layer's residual that the analysis training store of
+    `skip_tokens` tokens does not hold (the contexts after its own in the same seeded order), e.g.
+    to compute another SAE's error parts on tokens that SAE never saw. No loss, no gradients."""
+    spec = s.spec(hooks=(resid(sae_layer),), split="train", n_tokens=n_tokens, with_loss=False)
+    skip = s.spec(hooks=(resid(sae_layer),), split="train", n_tokens=skip_tokens).n_contexts
+    return collect(replace(spec, skip_contexts=skip), progress=progress)

@@ -55,6 +55,7 @@ CI: dict[str, Any] = {
     "dm_ks": [4, 8],
     "dm_layer_expansions": [2, 8],
     "dm_error_ks": [4, 8],
+    "dm_error_n_train": 2048,
     "dm_pursuit_n_tokens": 512,
     "mc_ks": [4, 8],
     "mc_finetune_fraction": 0.25,
@@ -105,6 +106,7 @@ QUICK: dict[str, Any] = {
     "dm_ks": [16, 32],
     "dm_layer_expansions": [2, 8],
     "dm_error_ks": [16, 32],
+    "dm_error_n_train": 10_000,
     "dm_pursuit_n_tokens": 2048,
     "mc_ks": [16, 32],
     "mc_finetune_fraction": 0.25,
@@ -195,6 +197,9 @@ DEFAULT: dict[str, Any] = {
     "dm_layer_expansions": [2, 8, 16],
     # SAEs trained on the linear / nonlinear part of another SAE's error
     "dm_error_ks": [8, 16, 32, 64],
+    # ... on the parts computed on this many training-split tokens that the main SAE never saw
+    # (the authors: "fresh tokens"; ~3 minutes to collect at layer 15 on 2 AVX2 cores)
+    "dm_error_n_train": 110_000,
     # held-out tokens that gradient pursuit re-encodes (it is dense: O(steps * n * width * d))
     "dm_pursuit_n_tokens": 16_000,
     # Mutual / Feature Choice chapter (analysis store, main_expansion)
@@ -257,6 +262,7 @@ FULL: dict[str, Any] = {
     "dm_ks": [16, 32, 64],
     "dm_layer_expansions": [4, 16, 64],
     "dm_error_ks": [8, 16, 32, 64],
+    "dm_error_n_train": 500_000,
     "dm_pursuit_n_tokens": 50_000,
     "mc_ks": [16, 32, 64],
     "mc_finetune_fraction": 0.25,
@@ -331,6 +337,7 @@ RULES: dict[str, Rule] = {
     "dm_ks": Rule(min=1),
     "dm_layer_expansions": Rule(min=1),
     "dm_error_ks": Rule(min=1),
+    "dm_error_n_train": Rule(min=1),
     "main_expansion": Rule(min=1),
     "main_k": Rule(min=1),
     "mc_ks": Rule(min=1),
@@ -400,6 +407,8 @@ _JOINT: list[tuple[tuple[str, ...], Any, str]] = [
     (("zoo_beta", "gsae_betas"), lambda b, bs: b in bs, "zoo_beta must be one of gsae_betas"),
     (("an_n_train", "sae_batch_size"), lambda n, b: n >= b, "an_n_train must be >= sae_batch_size (one batch)"),
     (("an_n_test", "sae_batch_size"), lambda n, b: n >= b, "an_n_test must be >= sae_batch_size (one batch)"),
+    (("dm_error_n_train", "sae_batch_size"), lambda n, b: n >= b,
+     "dm_error_n_train must be >= sae_batch_size (one batch)"),
     (("zoo_n_train", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_train must be >= zoo_batch_size (one batch)"),
     (("zoo_n_test", "zoo_batch_size"), lambda n, b: n >= b, "zoo_n_test must be >= zoo_batch_size (one batch)"),
     (("drop_first", "ctx_len"), lambda d, c: d <= c - 2, "drop_first must be <= ctx_len - 2"),
