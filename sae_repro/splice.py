@@ -62,11 +62,12 @@ def _check(model: HookedTransformer, hook: str, contexts: Tensor, drop_first: in
 @torch.no_grad()
 def spliced_losses(model: HookedTransformer, hook: str, contexts: Tensor,
                    replacements: Mapping[str, Replacement], *, drop_first: int,
-                   batch_contexts: int = 8, bf16: bool = False,
+                   batch_contexts: int = 8, bf16: bool = False, first_context: int = 0,
                    progress: bool = True) -> pd.DataFrame:
     """Mean next-token loss and KL(clean || spliced) with each replacement spliced in at `hook`.
 
-    contexts: [n_contexts, ctx_len] token ids (a store's `contexts()`). Returns one row per
+    contexts: [n_contexts, ctx_len] token ids: a store's `contexts()` from `first_context` on (the
+    store rows a replacement reads start there). Returns one row per
     replacement plus "clean" and "zero ablation": name, ce (nats/token), ce_increase (over clean),
     kl (nats/token), ce_recovered = (ce_zero - ce) / (ce_zero - ce_clean), n_tokens.
     """
@@ -82,7 +83,8 @@ def spliced_losses(model: HookedTransformer, hook: str, contexts: Tensor,
     for c0 in tqdm(range(0, n_ctx, batch_contexts), desc=f"splice {hook}", disable=not progress):
         ctx = contexts[c0:c0 + batch_contexts].to(device)
         b = len(ctx)
-        rows = (torch.arange(c0, c0 + b)[:, None] * kept + torch.arange(kept)[None]).flatten()
+        first = first_context + c0
+        rows = (torch.arange(first, first + b)[:, None] * kept + torch.arange(kept)[None]).flatten()
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
             resid = model(ctx, stop_at_layer=layer)  # [b, T, d]: input of the hooked block
         clean_logp = None

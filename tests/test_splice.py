@@ -62,6 +62,12 @@ def test_rows_index_the_store_order(isolated_cache, model):
     rows = torch.cat([s[1] for s in seen])
     assert len(rows) == 9 * 21 and int(rows.max()) < len(stored)  # 200 tokens: 9 whole contexts
     torch.testing.assert_close(x, stored[rows], atol=1e-5, rtol=1e-5)
+    seen.clear()  # contexts from the 5th on (e.g. a validation split): rows start at its first token
+    spliced_losses(model, HOOK, store.contexts()[4:], {"check": check}, drop_first=2, batch_contexts=3,
+                   first_context=4, progress=False)
+    rows = torch.cat([s[1] for s in seen])
+    assert int(rows.min()) == 4 * 21 and len(rows) == 5 * 21
+    torch.testing.assert_close(torch.cat([s[0] for s in seen]), stored[rows], atol=1e-5, rtol=1e-5)
 
 
 def test_sae_replacement_and_bad_input(isolated_cache, model):
