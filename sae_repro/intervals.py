@@ -8,7 +8,8 @@
   paper's vector and norm scores, FVU as 1 - R^2), by context bootstrap.
 - `poisson_interval`: exact (Garwood) interval of a count, e.g. the dead latents of an SAE;
   `rate_ratio_interval`: exact interval of the ratio of two such counts' rates.
-- `seed_interval`: Student-t interval of a mean over training seeds (>= 2 seeds).
+- `seed_interval`: Student-t interval of a mean over training seeds (>= 2 seeds);
+  `difference_interval`: Welch's interval of the difference of two such means.
 - `side`: where an interval lies against a threshold: a criterion calls a result whose interval
   straddles its threshold "inconclusive".
 - `trend`: a number measured at several training budgets, fitted against log10(budget); flat
@@ -140,6 +141,17 @@ def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tu
         raise ValueError(f"seed_interval: needs values from at least 2 seeds, got {v.size}")
     half = stats.t.ppf(0.5 + confidence / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
     return _interval(v.mean() - half, v.mean() + half)
+
+
+def difference_interval(a: Sequence[float], b: Sequence[float],
+                        confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Welch's t interval of mean(a) - mean(b), e.g. a quantity of two SAE types over training
+    seeds (>= 2 values each; their variances need not be equal)."""
+    a, b = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (a, b))
+    if a.size < 2 or b.size < 2:
+        raise ValueError(f"difference_interval: needs >= 2 values on each side, got {a.size} and {b.size}")
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(confidence)
+    return _interval(ci.low, ci.high)
 
 
 def side(interval: tuple[float, float], threshold: float) -> str:

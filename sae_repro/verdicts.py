@@ -481,3 +481,14 @@ def effect(delta: float, noise: float) -> str:
     """How a quantity moves from one SAE type to another: "shrinks" / "grows" beyond the noise,
     else "leaves unchanged"."""
     return "shrinks" if delta < -noise else "grows" if delta > noise else "leaves unchanged"
+
+
+def effect_over_seeds(values: Sequence[float], reference: Sequence[float]) -> tuple[str, tuple[float, float]]:
+    """How a quantity moves from the reference SAE type to another, from their values over
+    training seeds (>= 2 each): "shrinks" / "grows" when the 95% interval of the difference of
+    the means (`intervals.difference_interval`) lies below / above 0, else "no clear change".
+    -> (word, interval)."""
+    from sae_repro.intervals import difference_interval
+
+    lo, hi = difference_interval(values, reference)
+    return ("shrinks" if hi < 0 else "grows" if lo > 0 else "no clear change"), (lo, hi)

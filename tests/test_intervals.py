@@ -130,3 +130,15 @@ def test_rate_ratio_interval_known_values():
     assert iv.rate_ratio_interval(0, 0) == (0.0, math.inf)
     with pytest.raises(ValueError, match="b must be a whole number >= 0"):
         iv.rate_ratio_interval(1, -2)
+
+
+def test_difference_interval_is_welchs():
+    from scipy import stats
+
+    a, b = [1.0, 1.2, 0.9, 1.1], [0.5, 0.7, 0.4]
+    lo, hi = iv.difference_interval(a, b)
+    d = np.mean(a) - np.mean(b)
+    va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+    dof = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)  # Welch-Satterthwaite
+    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    assert lo == pytest.approx(d - half) and hi == pytest.approx(d + half)

@@ -326,3 +326,12 @@ def test_pursuit_slight_with_intervals(cis, want):
     assert _v(r) == want and r.interval == (min(c[0] for c in cis), max(c[1] for c in cis))
     with pytest.raises(ValueError, match="2 intervals for 1 widths"):
         V.pursuit_slight([0.1], cis)
+
+
+def test_effect_over_seeds_needs_the_interval_to_exclude_zero():
+    assert V.effect_over_seeds([0.20, 0.21, 0.19], [0.30, 0.31, 0.29])[0] == "shrinks"
+    assert V.effect_over_seeds([0.40, 0.41, 0.39], [0.30, 0.31, 0.29])[0] == "grows"
+    word, (lo, hi) = V.effect_over_seeds([0.20, 0.35, 0.28], [0.30, 0.22, 0.27])
+    assert word == "no clear change" and lo < 0 < hi
+    with pytest.raises(ValueError, match="needs >= 2 values on each side"):
+        V.effect_over_seeds([0.2], [0.3, 0.31])
