@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r.add_argument("--profile", default="default", choices=PROFILE_NAMES,
                    help="ci: the tiny random model, ~4 min; quick: a SmolLM2-135M preview, ~9 min cold; "
-                        "default: the committed figures/ on SmolLM2-135M, ~56 min cold on 2 AVX2 cores; "
+                        "default: the committed figures/ on SmolLM2-135M (cold time: the Reproducibility page); "
                         "full: GPT-2 small from the hub, for a GPU (times on this project's 2-core machine; "
                         "`sae-repro list --profile NAME` shows a profile's values)")
     r.add_argument("--only", action="append", metavar="NOTEBOOK",
