@@ -140,8 +140,9 @@ def test_skip_contexts_gives_the_tokens_a_smaller_store_does_not_hold(isolated_c
     # a store without skipped contexts keeps the key it had before the field existed
     old = {k: v for k, v in asdict(first).items() if k != "skip_contexts"}
     corpus_hash = a.manifest["corpus_hash"]
-    assert A.store_key(first, corpus_hash) == hash_inputs({"format": A.FORMAT_VERSION, "spec": old, "corpus": corpus_hash,
-                                                           "model": A.model_identity(first.model, first.seed)})
+    want = {"format": A.FORMAT_VERSION, "spec": old, "corpus": corpus_hash,
+            "model": A.model_identity(first.model, first.seed)}
+    assert A.store_key(first, corpus_hash) == hash_inputs(want)
     with pytest.raises(ValueError, match="skip_contexts=-1"):
         spec(skip_contexts=-1)
     with pytest.raises(ValueError, match="after skip_contexts=1000000000"):
