@@ -152,7 +152,7 @@ def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float],
     """"Nonlinear FVU stays roughly flat as SAEs widen." fvu, nonlinear_fvu: [n_widths], by width;
     interval: 95% interval of `flat_ratio` (nonlinear FVU's relative drop / FVU's).
 
-    reproduced: |ratio| <= FLAT_SHARE; partly: |ratio| < 1 (it falls less than the FVU); not
+    reproduced: abs(ratio) <= FLAT_SHARE; partly: abs(ratio) < 1 (it falls less than the FVU); not
     reproduced otherwise, or when the FVU does not fall (no scaling to compare with); with an
     interval, inconclusive where it straddles a boundary (+-0.5, +-1)."""
     why = ("criterion: the nonlinear FVU's relative change is at most half the FVU's relative fall "
