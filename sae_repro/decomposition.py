@@ -365,6 +365,19 @@ def norm_baselines(target: Tensor, features: dict[str, Tensor], *, train_idx: Te
     return out
 
 
+def nonlinear_target(x: Tensor, x_hat: Tensor, *, train_idx: Tensor) -> tuple[LinearFit, Tensor, Tensor]:
+    """What a predictor of the nonlinear error is fitted to and scored against.
+
+    x, x_hat: [n, d]. LinearError is fitted from x on `train_idx` -> (the fit, NonlinearError
+    [n, d] float64 on every token, Sae + LinearError [n_test, d] float64 on the fit's test_idx).
+    """
+    _check_pair("x", x, "x_hat", x_hat)
+    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
+    nonlinear = (x - x_hat).double() - fit.predict(x.double())
+    te = fit.test_idx
+    return fit, nonlinear, x_hat[te].double() + fit.predict(x[te].double())
+
+
 def explain_nonlinear(x: Tensor, x_hat: Tensor, predictors: dict[str, Tensor], *,
                       train_idx: Tensor) -> list[dict[str, float]]:
     """How much of the nonlinear error do other signals predict linearly (the paper's "earlier
@@ -377,11 +390,8 @@ def explain_nonlinear(x: Tensor, x_hat: Tensor, predictors: dict[str, Tensor], *
     nonlinear_fvu (FVU of Sae + LinearError, the same for all rows) and nonlinear_fvu_after
     (FVU of Sae + LinearError + the prediction).
     """
-    _check_pair("x", x, "x_hat", x_hat)
-    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
-    nonlinear = (x - x_hat).double() - fit.predict(x.double())
+    fit, nonlinear, base = nonlinear_target(x, x_hat, train_idx=train_idx)
     te = fit.test_idx
-    base = x_hat[te].double() + fit.predict(x[te].double())
     rows = []
     for name, p in predictors.items():
         _check_pair("x", x, name, p, same_width=False)

@@ -95,26 +95,6 @@ class GatherPre(torch.autograd.Function):
         return None, g_x, g_W, g_b if need[3] else None, g_bd, None, None, None, None, None
 
 
-class TakeCols(torch.autograd.Function):
-    """W[:, cols] whose backward scatters into a gradient laid out like W.
-
-    Plain indexing's backward builds a row-major zero tensor; for W_enc (stored transposed, see
-    sae.SparseAutoencoder.__init__) that forces a transposed add and a transposed copy of the full
-    [d, L] gradient (~70 ms a step at 18k latents) for the few dead latents AuxK trains.
-    """
-
-    @staticmethod
-    def forward(ctx, W: Tensor, cols: Tensor) -> Tensor:
-        ctx.save_for_backward(cols)
-        ctx.like = W
-        return W[:, cols]
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        (cols,) = ctx.saved_tensors
-        return torch.zeros_like(ctx.like).index_copy_(1, cols, g.to(ctx.like.dtype)), None
-
-
 def flat_topk_indices(flat: Tensor, M: int) -> Tensor:
     """Indices of the M largest entries of a 1-D tensor (the set `flat.topk(M)` keeps, up to ties).
 

@@ -1,11 +1,12 @@
 """Training losses: reconstruction, AuxK (OpenAI TopK paper) and our reading of aux_zipf_loss.
 
 All losses are differentiable scalars. The auxiliary losses take the encoder pre-activations
-`pre: [n, n_latents]` either with autograd (the dense reference path) or detached together with
-`pre_cols(cols [j]) -> pre[:, cols] [n, j]` with autograd (from `encode_sparse`): they only need
-the block of columns of the dead / underused latents. Each token keeps its top k_aux of that
-block (k_aux ~ d/2, so the block is far from sparse) and decodes it with one matmul on the
-block's decoder rows, under bf16 autocast if `autocast` (like the forward's encoder).
+`pre: [n, n_latents]` either with autograd (the dense reference path: each token's top k_aux
+dead / underused latents are decoded with one matmul on the pool's decoder rows, under bf16
+autocast if `autocast`) or detached together with `pre_pairs(latents [n, j]) -> SparseCodes`
+with autograd (from `encode_sparse`): the top k_aux are chosen on the detached pre and only those
+n * k_aux pairs are trained, through the sparse kernels, as the forward's own codes are. Same
+loss and gradient; the sparse path never forms the [n, n_pool] block with autograd.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor
+
+from sae_repro.kernels import SparseCodes, sparse_decode
 
 
 def mse(x: Tensor, x_hat: Tensor, normalize: bool = True) -> Tensor:
@@ -47,25 +50,30 @@ def _check_aux(x: Tensor, x_hat: Tensor, pre: Tensor, W_dec: Tensor, k_aux: int 
 
 
 def _aux_reconstruction(x: Tensor, x_hat: Tensor, pre: Tensor, pool: Tensor, weight: Tensor | None,
-                        W_dec: Tensor, k_aux: int, pre_cols: Callable[[Tensor], Tensor] | None,
+                        W_dec: Tensor, k_aux: int, pre_pairs: Callable[[Tensor], SparseCodes] | None,
                         autocast: bool) -> Tensor:
     """||e - e_hat||^2 / ||e - mean(e)||^2, e = x - x_hat (detached), e_hat from each token's top
     min(k_aux, |pool|) pre-activations among the latents in `pool` [n_pool] (relu'd, times
     weight[latent] if given), decoded by W_dec without b_dec."""
     e = (x - x_hat).detach()
-    block = pre_cols(pool) if pre_cols is not None else pre[:, pool]  # [n, n_pool]
-    top = block.detach().topk(min(k_aux, pool.numel()), dim=-1, sorted=False).indices
-    keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
-    codes = torch.where(keep, block.relu(), 0.0)
-    if weight is not None:
-        codes = codes * weight[pool]
-    with torch.autocast(codes.device.type, dtype=torch.bfloat16, enabled=autocast):
-        e_hat = codes @ W_dec[pool]
+    block = pre[:, pool]  # [n, n_pool]
+    top = block.detach().topk(min(k_aux, pool.numel()), dim=-1, sorted=False).indices  # [n, j] into pool
+    if pre_pairs is not None:
+        codes = pre_pairs(pool[top])
+        vals = codes.vals if weight is None else codes.vals * weight[codes.idx]
+        e_hat = sparse_decode(vals, codes.idx, codes.offsets, codes.bag, W_dec)
+    else:
+        keep = torch.zeros(block.shape, dtype=torch.bool, device=block.device).scatter_(1, top, True)
+        dense = torch.where(keep, block.relu(), 0.0)
+        if weight is not None:
+            dense = dense * weight[pool]
+        with torch.autocast(dense.device.type, dtype=torch.bfloat16, enabled=autocast):
+            e_hat = dense @ W_dec[pool]
     return (e - e_hat.float()).pow(2).sum() / (e - e.mean(0, keepdim=True)).pow(2).sum().clamp_min(1e-12)
 
 
 def aux_k_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor, W_dec: Tensor,
-               k_aux: int | None = None, *, pre_cols: Callable[[Tensor], Tensor] | None = None,
+               k_aux: int | None = None, *, pre_pairs: Callable[[Tensor], SparseCodes] | None = None,
                autocast: bool = False) -> Tensor:
     """AuxK (Gao et al. 2024, OpenAI TopK paper; scaling as in sparsify).
 
@@ -86,7 +94,7 @@ def aux_k_loss(x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor, W_dec: 
     if pool.numel() == 0:
         return x_hat.new_zeros(())
     scale = min(pool.numel() / k_aux, 1.0)
-    return scale * _aux_reconstruction(x, x_hat, pre, pool, None, W_dec, k_aux, pre_cols, autocast)
+    return scale * _aux_reconstruction(x, x_hat, pre, pool, None, W_dec, k_aux, pre_pairs, autocast)
 
 
 def zipf_target_density(density: Tensor, fit_ranks: tuple[int, int] | None = None) -> Tensor:
@@ -117,7 +125,7 @@ def zipf_target_density(density: Tensor, fit_ranks: tuple[int, int] | None = Non
 def aux_zipf_loss(x: Tensor, x_hat: Tensor, pre: Tensor, density: Tensor, W_dec: Tensor,
                   k_aux: int | None = None, *, underused_fraction: float = 0.5,
                   target: Tensor | None = None, dead_mask: Tensor | None = None,
-                  pre_cols: Callable[[Tensor], Tensor] | None = None, autocast: bool = False) -> Tensor:
+                  pre_pairs: Callable[[Tensor], SparseCodes] | None = None, autocast: bool = False) -> Tensor:
     """AuxK generalised to dead *and underused* latents (our reading; the formula is not public).
 
     density: [L] running feature densities (fraction of tokens each latent fires on).
@@ -151,4 +159,4 @@ def aux_zipf_loss(x: Tensor, x_hat: Tensor, pre: Tensor, density: Tensor, W_dec:
     if pool.numel() == 0:
         return x_hat.new_zeros(())
     scale = min(pool.numel() / k_aux, 1.0)
-    return scale * _aux_reconstruction(x, x_hat, pre, pool, weight.to(W_dec.dtype), W_dec, k_aux, pre_cols, autocast)
+    return scale * _aux_reconstruction(x, x_hat, pre, pool, weight.to(W_dec.dtype), W_dec, k_aux, pre_pairs, autocast)

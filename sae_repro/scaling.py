@@ -66,17 +66,19 @@ def _flat_ratio_from_r2(r: np.ndarray) -> float:
 
 
 def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, context: Tensor,
-                    seed: int = 0) -> HeadlineScores:
+                    seed: int = 0, summaries: dict[int, ErrorSummary] | None = None) -> HeadlineScores:
     """x: [n, d] held-out activations; x_hats: width -> an SAE's reconstruction of x [n, d], at
     least two widths, main_width among them; context: [n] each token's context (what the
-    bootstrap resamples)."""
+    bootstrap resamples). summaries: width -> `error_summary(x, x_hats[w], seed=seed)` where the
+    caller has them already (they are computed here otherwise)."""
     widths = sorted(x_hats)
     if len(widths) < 2 or main_width not in x_hats:
         raise ValueError(f"headline_scores: needs >= 2 widths including main_width={main_width}, got {widths}")
     context = torch.as_tensor(context).reshape(-1)
     if len(context) != len(x):
         raise ValueError(f"headline_scores: context has {len(context)} tokens, x has {len(x)}")
-    summaries = {w: error_summary(x, x_hats[w], seed=seed) for w in widths}
+    given = summaries or {}
+    summaries = {w: given[w] if w in given else error_summary(x, x_hats[w], seed=seed) for w in widths}
     test_idx = summaries[widths[0]].test_idx
     if not all(torch.equal(s.test_idx, test_idx) for s in summaries.values()):
         raise ValueError("headline_scores: the widths' reconstructions must be of the same tokens x")
@@ -162,18 +164,16 @@ def ridge_nonlinear(x: Tensor, x_hat: Tensor, predictor: Tensor, *, train_idx: T
     explain_nonlinear. -> dict(r2, nonlinear_fvu, nonlinear_fvu_after, alpha)."""
     from sklearn.linear_model import RidgeCV
 
-    from sae_repro.decomposition import linear_error_fit
+    from sae_repro.decomposition import nonlinear_target
     from sae_repro.metrics import fvu
 
-    fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
+    fit, nonlinear, base = nonlinear_target(x, x_hat, train_idx=train_idx)
     tr, te = fit.train_idx, fit.test_idx
-    nonlinear = ((x - x_hat).double() - fit.predict(x.double())).numpy()
     p = predictor.double().numpy()
     scale = len(tr) * float(p[tr].var(0).mean())
-    ridge = RidgeCV(alphas=RIDGE_ALPHAS * scale).fit(p[tr], nonlinear[tr])
+    ridge = RidgeCV(alphas=RIDGE_ALPHAS * scale).fit(p[tr], nonlinear[tr].numpy())
     pred = torch.from_numpy(ridge.predict(p[te]))
-    base = x_hat[te].double() + fit.predict(x[te].double())
-    held = torch.from_numpy(nonlinear[te])
+    held = nonlinear[te]
     r2 = 1 - float((held - pred).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
     return {"r2": r2, "nonlinear_fvu": fvu(x[te], base), "nonlinear_fvu_after": fvu(x[te], base + pred),
             "alpha": float(ridge.alpha_)}

@@ -262,10 +262,10 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: Tensor
         recon = (batch - out.x_hat).pow(2).sum() * (world / _global_sq_dev(batch))
     aux = recon.new_zeros(())
     if cfg.aux == "auxk" and dead_mask is not None:
-        aux = aux_k_loss(batch, out.x_hat, out.pre, dead_mask, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
+        aux = aux_k_loss(batch, out.x_hat, out.pre, dead_mask, sae.W_dec, cfg.k_aux, pre_pairs=out.pre_pairs,
                          autocast=cfg.bf16)
     elif cfg.aux == "zipf" and density is not None:
-        aux = aux_zipf_loss(batch, out.x_hat, out.pre, density, sae.W_dec, cfg.k_aux, pre_cols=out.pre_cols,
+        aux = aux_zipf_loss(batch, out.x_hat, out.pre, density, sae.W_dec, cfg.k_aux, pre_pairs=out.pre_pairs,
                             autocast=cfg.bf16,
                             underused_fraction=cfg.underused_fraction, dead_mask=dead_mask)
     if world > 1 and cfg.aux is not None:
@@ -463,6 +463,18 @@ class _Run:
     total: int
 
 
+@dataclass(frozen=True)
+class _Data:
+    """What the step loop reads: x [n, d], grads [n, d] or None, heldout [m, d] or None (a
+    rung is not evaluated on the way), and the schedule's epoch length and warmup."""
+
+    x: Tensor
+    grads: Tensor | None
+    heldout: Tensor | None
+    steps_per_epoch: int
+    warmup: int
+
+
 def _rung_plan(cfg: TrainConfig, total: int) -> list[tuple[int, int]]:
     """(branch step, rung steps) per share of `cfg.ladder`: a rung of s steps follows the run up
     to the start of its own decay, s * (1 - decay_fraction), then decays to 0 at step s."""
@@ -539,7 +551,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         _check_same_on_ranks(fingerprint + [float(step)])
 
     run = _Run(DDP(sae) if world > 1 else sae, sae, opt, stats, history, step, total)
-    data = (x, grads, heldout, steps_per_epoch, warmup)
+    data = _Data(x, grads, heldout, steps_per_epoch, warmup)
     bar = tqdm(total=total, initial=step, desc=f"SAE {sae.cfg.rule} k={cfg.k} L={L}",
                disable=not progress or rank != 0)
     report = Progress(f"train SAE {sae.cfg.rule} k={cfg.k} latents={L}: step", total)
@@ -562,7 +574,7 @@ def train_sae(x: Tensor | Any, cfg: TrainConfig, *, hook: str | None = None, gra
         _train_until(run, branch, cfg, data, after_step)
         copied = copy.deepcopy(run.sae)
         rung = _Run(copied, copied, _copy_opt(run.opt, copied, cfg), copy.deepcopy(run.stats), [], run.step, steps)
-        _train_until(rung, steps, cfg, data[:2] + (None,) + data[3:], lambda r: None)
+        _train_until(rung, steps, cfg, replace(data, heldout=None), lambda r: None)
         row = _finish(rung, x, B, heldout)
         on_rung(rung.sae, row | {"rung_share": steps / total})
     _train_until(run, total, cfg, data, after_step)
@@ -582,9 +594,9 @@ def _copy_opt(opt: torch.optim.Optimizer, sae: SparseAutoencoder, cfg: TrainConf
     return new
 
 
-def _train_until(run: _Run, stop: int, cfg: TrainConfig, data: tuple, after_step: Callable[[_Run], None]) -> None:
+def _train_until(run: _Run, stop: int, cfg: TrainConfig, data: _Data, after_step: Callable[[_Run], None]) -> None:
     """Train `run` to step `stop` on the learning-rate schedule of its `total` steps."""
-    x, grads, heldout, steps_per_epoch, warmup = data
+    x, grads, heldout, steps_per_epoch, warmup = data.x, data.grads, data.heldout, data.steps_per_epoch, data.warmup
     n, B = x.shape[0], cfg.batch_size
     rank, world = _dist_info()
     dev = torch.device(cfg.device)

@@ -119,6 +119,35 @@ def test_aux_zipf_generalises_aux_k():
     assert float(aux_zipf_loss(x, x_hat, pre, density, W_dec, 2, target=target)) > 0
 
 
+@pytest.mark.parametrize("which", ["auxk", "zipf"])
+def test_aux_losses_sparse_pairs_equal_the_dense_block(which):
+    """The training path (top k_aux chosen on the detached pre, only those pairs trained through
+    the sparse kernels) gives the dense path's loss and gradients on every parameter."""
+    sae_cfg = cfg(n_latents=48).sae_config(D)
+    a, b = SparseAutoencoder(sae_cfg, seed=0), SparseAutoencoder(sae_cfg, seed=0)
+    a.init_b_dec(X)
+    b.load_state_dict(a.state_dict())
+    x = X[:200]
+    dead = torch.zeros(48, dtype=torch.bool)
+    dead[::2] = True
+    density = torch.linspace(0.3, 0.0, 48)
+    losses = []
+    for sae, sparse in ((a, True), (b, False)):
+        out = sae.forward_sparse(x) if sparse else sae.forward_dense(x)
+        x_hat = out.x_hat.detach()  # the aux losses alone
+        if which == "auxk":
+            loss = aux_k_loss(x, x_hat, out.pre, dead, sae.W_dec, 5, pre_pairs=out.pre_pairs)
+        else:
+            loss = aux_zipf_loss(x, x_hat, out.pre, density, sae.W_dec, 5, dead_mask=dead, pre_pairs=out.pre_pairs)
+        loss.backward()
+        losses.append(loss.detach())
+    assert float(losses[0]) > 0
+    assert_close(losses[0], losses[1])
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert getattr(b, name).grad.abs().sum() > 0, name
+        assert_close(getattr(a, name).grad, getattr(b, name).grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_zipf_target_density_recovers_a_zipf_curve():
     ranks = torch.arange(1, 101, dtype=torch.float64)
     zipf = 0.3 * ranks.pow(-1.2)
