@@ -235,14 +235,17 @@ def heldout_sae_lens(sae, x: torch.Tensor, B: int = 4096) -> dict[str, float]:
 # ----------------------------------------------------------------------------- our step, closer
 
 
-def step_runner(x: torch.Tensor, cfg: TrainConfig) -> Callable[[], None]:
-    """A closure running one `train_step` of a fresh SAE on the next batch (no gather, no logging)."""
+def step_runner(x: torch.Tensor, cfg: TrainConfig, dead_fraction: float = 0.0) -> Callable[[], None]:
+    """A closure running one `train_step` of a fresh SAE on the next batch (no gather, no logging).
+    dead_fraction: that share of the latents (seeded at random) counts as dead, so AuxK trains
+    them (wide SAEs trained for thousands of steps here had up to ~37% dead)."""
     from sae_repro.sae import SparseAutoencoder
 
     sae = SparseAutoencoder(cfg.sae_config(x.shape[1]), seed=0)
     sae.init_b_dec(x[:16384].float())
     opt = Adam(sae.parameters(), lr=cfg.resolved_lr(sae.cfg.n_latents))
-    dead = torch.zeros(sae.cfg.n_latents, dtype=torch.bool)  # AuxK on, no latent dead (as in the runs)
+    g = torch.Generator().manual_seed(0)
+    dead = torch.rand(sae.cfg.n_latents, generator=g) < dead_fraction  # AuxK on, these latents dead
     batch = cycled_batches(x, cfg.batch_size)
     return lambda: train_step(sae, opt, batch(), cfg, dead_mask=dead, validate=False)
 
@@ -271,14 +274,15 @@ def step_table(x: torch.Tensor, args, B: int, precisions: tuple[str, ...]) -> No
     fns = matmul_runners(B, d, L, precisions)
     for p in precisions:
         for rule in ("topk", "mutual_choice", "feature_choice"):
-            fns[f"ours {rule} {p}"] = step_runner(x, our_cfg(step_args, rule, p == "bf16"))
+            fns[f"ours {rule} {p}"] = step_runner(x, our_cfg(step_args, rule, p == "bf16"), args.dead_fraction)
         if not args.no_sparsify:
             fns[f"sparsify topk {p}"] = sparsify_step_runner(x, step_args, our_cfg(step_args, "topk", False),
                                                              p == "bf16")
     ts = interleaved(fns, args.step_rounds)
     best = {k: min(v) for k, v in ts.items()}
     med = {k: statistics.median(v) for k, v in ts.items()}
-    print(f"\nsteps at batch {B} (d {d}, {L} latents, k {args.k}; {args.step_rounds} rounds, alternating):")
+    print(f"\nsteps at batch {B} (d {d}, {L} latents, k {args.k}; {args.step_rounds} rounds, alternating; "
+          f"ours with {args.dead_fraction:.0%} of the latents dead, sparsify with none):")
     for p in precisions:
         mm = f"matmul {p} out="
         for name in ts:
@@ -329,6 +333,8 @@ def main() -> None:
     ap.add_argument("--step-rounds", type=int, default=12, help="timed steps / matmuls per kind (alternating)")
     ap.add_argument("--step-batches", type=int, nargs="+", default=[1024, 4096],
                     help="batch sizes of the step-vs-matmul tables")
+    ap.add_argument("--dead-fraction", type=float, default=0.0,
+                    help="share of dead latents (AuxK trains them) in our steps of the step tables")
     ap.add_argument("--no-sae-lens", action="store_true")
     ap.add_argument("--no-sparsify", action="store_true")
     args = ap.parse_args()
