@@ -51,6 +51,7 @@ CI: dict[str, Any] = {
     "main_epochs": 2.0,
     "sae_ladder": [0.25, 0.5],
     "ce_n_contexts": 4,
+    "dm_ce_n_contexts": 4,
     "dm_expansions": [2, 4, 8],
     "dm_ks": [4, 8],
     "dm_layer_expansions": [2, 8],
@@ -102,6 +103,7 @@ QUICK: dict[str, Any] = {
     "main_epochs": 2.0,
     "sae_ladder": [0.1, 0.3],  # the cheapest 10x ladder (+8% steps): quick stays within 10 minutes
     "ce_n_contexts": 8,
+    "dm_ce_n_contexts": 24,
     "dm_expansions": [2, 4, 8],
     "dm_ks": [16, 32],
     "dm_layer_expansions": [2, 8],
@@ -190,6 +192,9 @@ DEFAULT: dict[str, Any] = {
     "sae_ladder": [0.1, 0.25, 0.5],
     # held-out contexts through which spliced SAEs are scored (CE loss recovered, KL)
     "ce_n_contexts": 32,
+    # ... and through which the Dark Matter downstream shares are measured (their intervals
+    # resample these contexts; the rest of the test store fits the LinearError maps)
+    "dm_ce_n_contexts": 128,
     # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
     # several k (main_k among them), at sae_layer
     "dm_expansions": [2, 4, 8, 16, 32],
@@ -261,6 +266,7 @@ FULL: dict[str, Any] = {
     "main_epochs": 1.0,
     "sae_ladder": [0.1, 0.25, 0.5],
     "ce_n_contexts": 128,
+    "dm_ce_n_contexts": 256,
     "dm_expansions": [4, 8, 16, 32, 64],
     "dm_ks": [16, 32, 64],
     "dm_layer_expansions": [4, 16, 64],
@@ -336,6 +342,7 @@ RULES: dict[str, Rule] = {
     "main_epochs": Rule(min=0.01),
     "sae_ladder": Rule(min=0.001, max=0.999),
     "ce_n_contexts": Rule(min=1),
+    "dm_ce_n_contexts": Rule(min=2),
     "dm_expansions": Rule(min=1),
     "dm_ks": Rule(min=1),
     "dm_layer_expansions": Rule(min=1),

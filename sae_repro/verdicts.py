@@ -237,15 +237,44 @@ def across_layers(verdicts: Sequence[str | Verdict]) -> Verdict:
 # Dark Matter: downstream, error SAEs, reducing the error, synthetic check
 
 
-def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[float]) -> Verdict:
+def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[float],
+                            gap_intervals: Sequence[tuple[float, float]] | None = None) -> Verdict:
     """"The nonlinear error causes a share of the CE increase proportional to its size." Per width:
     the nonlinear error's share of the SAE's CE increase and of its FVU (a NaN CE share, where the
     SAE does not raise the CE, does not count). reproduced: abs(CE share - variance share) <=
-    DOWNSTREAM_TOLERANCE at every width; partly: at half of them."""
-    gap = np.abs(_floats(ce_share, "ce_share") - _floats(variance_share, "variance_share"))
-    return Verdict(_counted(int((gap <= DOWNSTREAM_TOLERANCE).sum()), len(gap)),
-                   f"criterion: |CE share - variance share| <= {DOWNSTREAM_TOLERANCE} at every width "
-                   "(partly: at half)")
+    DOWNSTREAM_TOLERANCE at every width; partly: at half of them.
+
+    gap_intervals: per width, the 95% interval of CE share - variance share
+    (`downstream.part_shares`). A width then counts as proportional when its whole interval lies
+    within +-DOWNSTREAM_TOLERANCE, as not when it lies wholly outside; the verdict is the one both
+    readings of the straddling (or NaN-interval) widths give, else inconclusive. The interval
+    reported spans the widths' intervals."""
+    gap = _floats(ce_share, "ce_share") - _floats(variance_share, "variance_share")
+    why = (f"criterion: |CE share - variance share| <= {DOWNSTREAM_TOLERANCE} at every width "
+           "(partly: at half)")
+    if gap_intervals is None:
+        return Verdict(_counted(int((np.abs(gap) <= DOWNSTREAM_TOLERANCE).sum()), len(gap)), why)
+    ci = np.asarray(gap_intervals, dtype=float).reshape(-1, 2)
+    if len(ci) != len(gap):
+        raise ValueError(f"downstream_proportional: {len(ci)} intervals for {len(gap)} widths")
+    t = DOWNSTREAM_TOLERANCE
+    surely = (ci[:, 0] >= -t) & (ci[:, 1] <= t)
+    # a NaN gap (no CE share) does not count; a NaN interval around a finite gap (some resample
+    # has no CE increase) leaves that width undecided
+    possibly = ~((ci[:, 0] > t) | (ci[:, 1] < -t)) & ~np.isnan(gap)
+    return _two_readings(int(surely.sum()), int(possibly.sum()), len(gap), _counted, why,
+                         "widths' 95% intervals straddle +-0.15", _span(ci))
+
+
+def _two_readings(n_sure: int, n_possible: int, n: int, grade: Callable[[int, int], str], why: str,
+                  straddle_note: str, interval: tuple[float, float]) -> Verdict:
+    """A counted criterion judged on intervals: grade(n_sure, n) where the straddling points all
+    fail, grade(n_possible, n) where they all pass; the same word -> that verdict, else
+    inconclusive (noting how many straddle)."""
+    low, high = grade(n_sure, n), grade(n_possible, n)
+    if low == high:
+        return Verdict(low, why, interval=interval)
+    return Verdict("inconclusive", why, f"{n_possible - n_sure} of {n} {straddle_note}", interval)
 
 
 def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]) -> Verdict:
@@ -401,16 +430,44 @@ def hard_tokens(rho: Sequence[float], p_value: Sequence[float]) -> Verdict:
 
 
 def gsae_faithful(ce_recovered_gsae: Sequence[float], ce_recovered_topk: Sequence[float],
-                  kl_gsae: Sequence[float], kl_topk: Sequence[float]) -> Verdict:
+                  kl_gsae: Sequence[float], kl_topk: Sequence[float],
+                  ce_diff_intervals: Sequence[tuple[float, float]] | None = None,
+                  kl_diff_intervals: Sequence[tuple[float, float]] | None = None) -> Verdict:
     """"g-SAEs are more faithful downstream than TopK at equal k." Per k: CE loss recovered and KL
     of the spliced g-SAE (selecting with the gradient) and TopK. reproduced: higher CE recovered and
-    lower KL at every k; partly: either at some k."""
-    ce = _floats(ce_recovered_gsae, "ce_recovered_gsae") > _floats(ce_recovered_topk, "ce_recovered_topk")
-    kl = _floats(kl_gsae, "kl_gsae") < _floats(kl_topk, "kl_topk")
-    both, either = int((ce & kl).sum()), int((ce | kl).sum())
-    verdict = "reproduced" if both == len(ce) else "partly" if either > 0 else "not reproduced"
-    return Verdict(verdict, "criterion: higher CE recovered and lower KL at every k (partly: either at "
-                            "some k); point estimates on the held-out contexts")
+    lower KL at every k; partly: either at some k.
+
+    With the 95% intervals of the differences g-SAE - TopK per k (`downstream.compare_splices`,
+    paired over the same contexts; both or neither): a k counts as better on a metric when its
+    interval lies wholly on the better side of 0; the verdict is the one both readings of the
+    straddling intervals give, else inconclusive. The interval reported spans the CE-recovered
+    differences' intervals."""
+    ce = _floats(ce_recovered_gsae, "ce_recovered_gsae") - _floats(ce_recovered_topk, "ce_recovered_topk")
+    kl = _floats(kl_gsae, "kl_gsae") - _floats(kl_topk, "kl_topk")
+    if len(ce) != len(kl):
+        raise ValueError(f"gsae_faithful: {len(ce)} CE-recovered values per SAE but {len(kl)} KL values")
+
+    def grade(ce_better: np.ndarray, kl_better: np.ndarray) -> str:
+        both, either = int((ce_better & kl_better).sum()), int((ce_better | kl_better).sum())
+        return "reproduced" if both == len(ce) else "partly" if either > 0 else "not reproduced"
+
+    if (ce_diff_intervals is None) != (kl_diff_intervals is None):
+        raise ValueError("gsae_faithful: give both ce_diff_intervals and kl_diff_intervals, or neither")
+    if ce_diff_intervals is None:
+        return Verdict(grade(ce > 0, kl < 0), _FAITHFUL_WHY + "; point estimates on the held-out contexts")
+    ce_ci = np.asarray(ce_diff_intervals, dtype=float).reshape(-1, 2)
+    kl_ci = np.asarray(kl_diff_intervals, dtype=float).reshape(-1, 2)
+    if len(ce_ci) != len(ce) or len(kl_ci) != len(ce):
+        raise ValueError(f"gsae_faithful: {len(ce_ci)} / {len(kl_ci)} intervals for {len(ce)} k")
+    sure = grade(ce_ci[:, 0] > 0, kl_ci[:, 1] < 0)
+    possible = grade(~(ce_ci[:, 1] <= 0), ~(kl_ci[:, 0] >= 0))  # NaN ends stay possible
+    why = _FAITHFUL_WHY + "; each k judged on the 95% intervals of the differences (paired over contexts)"
+    if sure == possible:
+        return Verdict(sure, why, interval=_span(ce_ci))
+    return Verdict("inconclusive", why, f"intervals straddle 0: {sure} or {possible}", _span(ce_ci))
+
+
+_FAITHFUL_WHY = "criterion: higher CE recovered and lower KL at every k (partly: either at some k)"
 
 
 def gsae_fewer_dead(dead_gsae: Sequence[int], dead_topk: Sequence[int]) -> Verdict:

@@ -7,7 +7,7 @@ import torch
 
 from sae_repro.activations import ActivationSpec, collect
 from sae_repro.models import load_model
-from sae_repro.splice import ZERO, sae_replacement, spliced_losses
+from sae_repro.splice import ZERO, context_losses, sae_replacement, spliced_losses
 from sae_repro.train import TrainConfig, train_sae
 
 HOOK = "blocks.1.hook_resid_post"
@@ -44,6 +44,24 @@ def test_clean_loss_matches_the_model_and_only_kept_positions_change(model):
     assert df.loc["clean", "ce"] == pytest.approx(float(per_pos[:, 3:].mean()), rel=1e-5)
     assert df.loc["big", "kl"] > 0
 
+
+
+def test_context_losses_are_each_contexts_sums(model):
+    """Per context: the clean CE sum is the model's own loss summed over the kept positions, the
+    identity's KL is 0, and the summary's means are the sums over all contexts / tokens."""
+    ctx = _contexts(n=5)
+    with torch.no_grad():
+        per_pos = model(ctx, return_type="loss", loss_per_token=True)  # [n, T-1]
+    per = context_losses(model, HOOK, ctx, {"identity": lambda x, rows: x, "shuffled": lambda x, rows: x.flip(0)},
+                         drop_first=3, batch_contexts=2, progress=False)
+    assert per.names == ("clean", ZERO, "identity", "shuffled") and per.tokens_per_context == 24 - 1 - 3
+    ce_clean, kl_clean = per.of("clean")
+    torch.testing.assert_close(torch.from_numpy(ce_clean), per_pos[:, 3:].double().sum(1), rtol=1e-5, atol=1e-4)
+    assert abs(per.of("identity")[1]).max() < 1e-4 and (per.of("shuffled")[1] > 0).all()
+    df = per.summary().set_index("name")
+    assert df.loc["shuffled", "ce"] == pytest.approx(per.of("shuffled")[0].sum() / (5 * 20))
+    with pytest.raises(KeyError, match="no spliced run 'other'"):
+        per.of("other")
 
 def test_rows_index_the_store_order(isolated_cache, model):
     """rows = c * kept + position - drop_first: the replacement sees the store's own tokens."""

@@ -153,6 +153,29 @@ def test_downstream_proportional(ce, var, want):
     assert _v(V.downstream_proportional(ce, var)) == want
 
 
+@pytest.mark.parametrize("gaps, want", [
+    ([(-0.15, 0.15), (0.0, 0.1)], "reproduced"),        # both wholly within +-0.15 (boundary)
+    ([(-0.1, 0.1), (0.16, 0.3)], "partly"),             # one of two wholly outside
+    ([(-0.1, 0.1), (0.1, 0.2)], "inconclusive"),        # the second straddles 0.15: reproduced or partly
+    ([(0.2, 0.3), (-0.4, -0.16), (-0.1, 0.2)], "not reproduced"),  # at most one of three: both readings
+    ([(-0.1, 0.1), (NAN, NAN)], "partly"),              # NaN gap: that width does not count
+])
+def test_downstream_proportional_on_intervals(gaps, want):
+    mid = [(lo + hi) / 2 for lo, hi in gaps]
+    v = V.downstream_proportional(mid, [0.0] * len(gaps), gap_intervals=gaps)
+    assert v.verdict == want
+    finite = [g for g in gaps if g[0] == g[0]]
+    assert v.interval == (min(g[0] for g in finite), max(g[1] for g in finite))
+    with pytest.raises(ValueError, match="intervals"):
+        V.downstream_proportional(mid, [0.0] * len(gaps), gap_intervals=gaps[:1] * (len(gaps) + 1))
+
+
+
+def test_downstream_proportional_nan_interval_around_a_gap_is_undecided():
+    # the second width has a gap (0.0) but no interval: reproduced if it is within, partly if not
+    v = V.downstream_proportional([0.0, 0.0], [0.0, 0.0], gap_intervals=[(-0.1, 0.1), (NAN, NAN)])
+    assert v.verdict == "inconclusive" and "1 of 2" in v.note
+
 @pytest.mark.parametrize("lin, nl, want", [
     ([0.1, 0.2], [0.2, 0.3], "reproduced"),
     ([0.1, 0.2], [0.2, 0.2], "partly"),               # equal is not worse
@@ -252,6 +275,22 @@ def test_hard_tokens(rho, p, want):
 ])
 def test_gsae_faithful(ce_g, ce_t, kl_g, kl_t, want):
     assert _v(V.gsae_faithful(ce_g, ce_t, kl_g, kl_t)) == want
+
+
+@pytest.mark.parametrize("ce_ci, kl_ci, want", [
+    ([(0.01, 0.02), (0.001, 0.03)], [(-0.02, -0.01), (-0.3, -0.001)], "reproduced"),  # both sides clear at both k
+    ([(0.01, 0.02), (-0.01, 0.03)], [(-0.02, -0.01), (-0.3, -0.001)], "inconclusive"),  # reproduced or partly
+    ([(0.01, 0.02), (-0.03, -0.01)], [(-0.02, -0.01), (0.01, 0.02)], "partly"),  # k 2 clearly worse on both
+    ([(-0.02, -0.01), (-0.03, -0.01)], [(0.01, 0.02), (0.0, 0.02)], "not reproduced"),  # 0 is not better
+    ([(-0.02, 0.01), (-0.03, -0.01)], [(0.01, 0.02), (0.01, 0.02)], "inconclusive"),  # partly or not
+    ([(NAN, NAN), (0.01, 0.02)], [(-0.02, -0.01), (-0.02, -0.01)], "inconclusive"),  # NaN: partly or reproduced
+])
+def test_gsae_faithful_on_intervals(ce_ci, kl_ci, want):
+    mid = lambda ci: [(lo + hi) / 2 for lo, hi in ci]  # noqa: E731
+    v = V.gsae_faithful(mid(ce_ci), [0.0, 0.0], mid(kl_ci), [0.0, 0.0], ce_ci, kl_ci)
+    assert v.verdict == want
+    with pytest.raises(ValueError, match="both"):
+        V.gsae_faithful(mid(ce_ci), [0.0, 0.0], mid(kl_ci), [0.0, 0.0], ce_ci, None)
 
 
 # exact rate-ratio intervals: 0 vs 6 dead latents is [0, 0.85] (clear), 0 vs 5 is [0, 1.09] (not);
