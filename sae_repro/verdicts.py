@@ -277,12 +277,23 @@ def _two_readings(n_sure: int, n_possible: int, n: int, grade: Callable[[int, in
     return Verdict("inconclusive", why, f"{n_possible - n_sure} of {n} {straddle_note}", interval)
 
 
-def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]) -> Verdict:
+def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float],
+                     diff_intervals: Sequence[tuple[float, float]] | None = None) -> Verdict:
     """"SAEs trained on the nonlinear error are worse than on the linear error." Per k: held-out
-    FVU of the SAE on each part. reproduced: higher on the nonlinear part at every k; partly: at half."""
+    FVU of the SAE on each part. reproduced: higher on the nonlinear part at every k; partly: at half.
+
+    diff_intervals: per k, the 95% interval of FVU (nonlinear) - FVU (linear) (`intervals.r2_bootstrap`
+    over held-out contexts). A k counts as worse when its interval lies above 0, as not when below
+    or at 0; the verdict is the one both readings of the straddling k give, else inconclusive."""
+    why = "criterion: higher held-out FVU on the nonlinear error at every k (partly: at half)"
     worse = _floats(fvu_nonlinear, "fvu_nonlinear") > _floats(fvu_linear, "fvu_linear")
-    return Verdict(_counted(int(worse.sum()), len(worse)),
-                   "criterion: higher held-out FVU on the nonlinear error at every k (partly: at half)")
+    if diff_intervals is None:
+        return Verdict(_counted(int(worse.sum()), len(worse)), why)
+    ci = np.asarray(diff_intervals, dtype=float).reshape(-1, 2)
+    if len(ci) != len(worse):
+        raise ValueError(f"error_saes_worse: {len(ci)} intervals for {len(worse)} k")
+    return _two_readings(int((ci[:, 0] > 0).sum()), int((~(ci[:, 1] <= 0)).sum()), len(worse), _counted,
+                         why, "k's 95% intervals straddle 0", _span(ci))
 
 
 def pursuit_slight(relative_decrease: Sequence[float],

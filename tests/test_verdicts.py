@@ -185,6 +185,19 @@ def test_error_saes_worse(lin, nl, want):
     assert _v(V.error_saes_worse(lin, nl)) == want
 
 
+@pytest.mark.parametrize("ci, want", [
+    ([(0.01, 0.02), (0.001, 0.05)], "reproduced"),
+    ([(0.01, 0.02), (-0.01, 0.05)], "inconclusive"),   # reproduced or partly (1 of 2 is half)
+    ([(0.01, 0.02), (-0.03, 0.0)], "partly"),          # at 0 is not worse
+    ([(0.01, 0.02), (-0.03, -0.01), (-0.02, -0.01)], "not reproduced"),
+    ([(0.01, 0.02), (-0.03, 0.01), (-0.02, -0.01)], "inconclusive"),  # not reproduced or partly
+])
+def test_error_saes_worse_on_intervals(ci, want):
+    mid = [(lo + hi) / 2 for lo, hi in ci]
+    v = V.error_saes_worse([0.0] * len(ci), mid, ci)
+    assert v.verdict == want and v.interval == (min(c[0] for c in ci), max(c[1] for c in ci))
+
+
 @pytest.mark.parametrize("rel, want", [
     ([0.0, 0.0999], "reproduced"),
     ([0.05, 0.1], "not reproduced"),        # 10% is not "very slight"
