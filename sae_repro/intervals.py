@@ -110,6 +110,30 @@ def r2_bootstrap(pairs: Sequence[tuple[np.ndarray | torch.Tensor, np.ndarray | t
                                     n_resamples=n_resamples, confidence=confidence)
 
 
+
+def spearman_bootstrap(x: np.ndarray | torch.Tensor, y: np.ndarray | torch.Tensor,
+                       context: np.ndarray | torch.Tensor, *, seed: int = 0, n_resamples: int = N_RESAMPLES,
+                       confidence: float = CONFIDENCE) -> tuple[float, tuple[float, float]]:
+    """Spearman's rho of x and y [n_tokens] with its context-bootstrap interval.
+
+    rho is the Pearson correlation of the ranks (ties averaged), exactly `scipy.stats.spearmanr`;
+    a resample keeps the ranks of the full sample (it does not re-rank), so each resample is five
+    per-context sums and the bootstrap costs no sort. -> (rho, (lo, hi))."""
+    rx, ry = (stats.rankdata(np.asarray(v.double() if isinstance(v, torch.Tensor) else v, dtype=np.float64))
+              for v in (x, y))
+    if rx.shape != ry.shape or rx.ndim != 1:
+        raise ValueError(f"spearman_bootstrap: x and y must be [n_tokens], got {rx.shape} and {ry.shape}")
+    count = per_context(np.ones(len(rx)), context)
+    sums = [per_context(v, context) for v in (rx, ry, rx * rx, ry * ry, rx * ry)]
+
+    def rho(n: np.ndarray, sx: np.ndarray, sy: np.ndarray, sxx: np.ndarray, syy: np.ndarray, sxy: np.ndarray) -> float:
+        n, sx, sy = n.sum(), sx.sum(), sy.sum()
+        cov, vx, vy = sxy.sum() - sx * sy / n, sxx.sum() - sx * sx / n, syy.sum() - sy * sy / n
+        return float(cov / np.sqrt(vx * vy)) if vx > 0 and vy > 0 else float("nan")
+
+    value = rho(count, *sums)
+    return value, context_bootstrap(rho, count, *sums, seed=seed, n_resamples=n_resamples, confidence=confidence)
+
 def poisson_interval(count: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Exact (Garwood) interval of the mean of a Poisson count: [0, 3.69] for 0, [0.025, 5.57] for 1."""
     if isinstance(count, bool) or int(count) != count or count < 0:

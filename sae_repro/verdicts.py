@@ -427,13 +427,31 @@ def more_latents_for_harder(rho: float, p_value: float) -> bool:
     return bool(rho > HARD_TOKENS_RHO and p_value < HARD_TOKENS_P)
 
 
-def hard_tokens(rho: Sequence[float], p_value: Sequence[float]) -> Verdict:
+def hard_tokens(rho: Sequence[float], p_value: Sequence[float],
+                intervals: Sequence[tuple[float, float]] | None = None) -> Verdict:
     """"Under adaptive allocation, harder tokens get more latents." One (rho, p) per series (SAE x
-    inference mode). reproduced: `more_latents_for_harder` in every series; partly: in some."""
-    shows = [more_latents_for_harder(r, p)
-             for r, p in zip(_floats(rho, "rho"), _floats(p_value, "p_value"), strict=True)]
-    return Verdict(_by_count(sum(shows), len(shows)),
-                   "criterion: Spearman rho > 0.1 with p < 0.01 in every series (partly: in some)")
+    inference mode). reproduced: `more_latents_for_harder` in every series; partly: in some.
+
+    intervals: per series, the 95% context-bootstrap interval of rho (`intervals.spearman_bootstrap`;
+    tokens of one context are not independent, so the p-value alone overstates the evidence). A
+    series then shows it when its whole interval lies above HARD_TOKENS_RHO (and p < HARD_TOKENS_P),
+    not when the interval lies at or below it; the verdict is the one both readings of the
+    straddling series give, else inconclusive."""
+    why = "criterion: Spearman rho > 0.1 with p < 0.01 in every series (partly: in some)"
+    r, p = _floats(rho, "rho"), _floats(p_value, "p_value")
+    if len(r) != len(p):
+        raise ValueError(f"hard_tokens: {len(r)} rho values but {len(p)} p-values")
+    shows = [more_latents_for_harder(a, b) for a, b in zip(r, p)]
+    if intervals is None:
+        return Verdict(_by_count(sum(shows), len(shows)), why)
+    ci = np.asarray(intervals, dtype=float).reshape(-1, 2)
+    if len(ci) != len(r):
+        raise ValueError(f"hard_tokens: {len(ci)} intervals for {len(r)} series")
+    significant = p < HARD_TOKENS_P
+    sure = int((significant & (ci[:, 0] > HARD_TOKENS_RHO)).sum())
+    possible = int((significant & ~(ci[:, 1] <= HARD_TOKENS_RHO)).sum())
+    return _two_readings(sure, possible, len(r), _by_count, why + "; judged on each rho's 95% interval",
+                         f"series' 95% intervals straddle {HARD_TOKENS_RHO}", _span(ci))
 
 
 # ---------------------------------------------------------------------------------------------

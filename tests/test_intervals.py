@@ -142,3 +142,24 @@ def test_difference_interval_is_welchs():
     dof = (va + vb) ** 2 / (va**2 / 3 + vb**2 / 2)  # Welch-Satterthwaite
     half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
     assert lo == pytest.approx(d - half) and hi == pytest.approx(d + half)
+
+
+def test_spearman_bootstrap_is_scipys_rho_and_widens_with_context_clustering():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    n_ctx, per = 40, 25
+    context = np.repeat(np.arange(n_ctx), per)
+    x = rng.normal(size=n_ctx * per)
+    y = 0.5 * x + rng.normal(size=n_ctx * per)
+    y[:10] = y[10]  # ties are averaged, as scipy does
+    rho, (lo, hi) = iv.spearman_bootstrap(x, y, context, seed=0)
+    assert rho == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert lo < rho < hi
+    # a shared offset per context makes tokens of a context alike: the same n, a wider interval
+    shift = np.repeat(rng.normal(size=n_ctx) * 3, per)
+    _, (lo_c, hi_c) = iv.spearman_bootstrap(x + shift, y + shift, context, seed=0)
+    _, (lo_i, hi_i) = iv.spearman_bootstrap(x + shift, y + shift, np.arange(n_ctx * per), seed=0)
+    assert hi_c - lo_c > 1.5 * (hi_i - lo_i)
+    with pytest.raises(ValueError, match="spearman_bootstrap"):
+        iv.spearman_bootstrap(x, y[:-1], context)

@@ -280,6 +280,18 @@ def test_hard_tokens(rho, p, want):
     assert _v(V.hard_tokens(rho, p)) == want
 
 
+@pytest.mark.parametrize("ci, p, want", [
+    ([(0.11, 0.3), (0.2, 0.4)], [1e-9, 1e-9], "reproduced"),
+    ([(0.05, 0.3), (0.2, 0.4)], [1e-9, 1e-9], "inconclusive"),  # reproduced or partly
+    ([(0.11, 0.3), (0.2, 0.4)], [1e-9, 0.01], "partly"),        # p not < 0.01 in the second
+    ([(0.0, 0.1), (-0.2, 0.05)], [1e-9, 1e-9], "not reproduced"),  # at or below 0.1 in both
+    ([(0.0, 0.1), (-0.2, 0.15)], [1e-9, 1e-9], "inconclusive"),  # not reproduced or partly
+])
+def test_hard_tokens_on_intervals(ci, p, want):
+    v = V.hard_tokens([(lo + hi) / 2 for lo, hi in ci], p, ci)
+    assert v.verdict == want and v.interval == (min(c[0] for c in ci), max(c[1] for c in ci))
+
+
 @pytest.mark.parametrize("ce_g, ce_t, kl_g, kl_t, want", [
     ([0.9, 0.95], [0.8, 0.9], [0.1, 0.1], [0.2, 0.2], "reproduced"),
     ([0.9, 0.9], [0.8, 0.9], [0.1, 0.2], [0.2, 0.2], "partly"),   # ties at the second k
