@@ -56,6 +56,13 @@ def _shares(ce_clean: np.ndarray, ce_sae: np.ndarray, ce_out: np.ndarray, ce_bac
     return s
 
 
+def _pick(stats: Callable[..., dict[str, float]], name: str) -> Callable[..., float]:
+    """The statistic `name` of a function returning several (what a bootstrap resamples)."""
+    def stat(*arrays: np.ndarray) -> float:
+        return stats(*arrays)[name]
+    return stat
+
+
 def error_sums(x: Tensor, x_hat: Tensor, linear: Tensor, context: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Per-context sums of ||SaeError||^2 and ||NonlinearError||^2.  x, x_hat, linear (x W*):
     [n, d] of the spliced tokens; context [n]: their contexts in splice order -> two [n_contexts]."""
@@ -88,8 +95,7 @@ def part_shares(losses: ContextLosses, prefix: str, sq_error: np.ndarray, sq_non
         row = _shares(*arrays)
         if intervals:
             for name in SHARES:
-                stat: Callable[..., float] = lambda *a, name=name: _shares(*a)[name]
-                row[name + "_lo"], row[name + "_hi"] = context_bootstrap(stat, *arrays, seed=seed)
+                row[name + "_lo"], row[name + "_hi"] = context_bootstrap(_pick(_shares, name), *arrays, seed=seed)
         out[part] = row
     return out
 
@@ -116,6 +122,6 @@ def compare_splices(losses: ContextLosses, a: str, b: str, *, seed: int = 0) -> 
     arrays = (ce_clean, ce_zero, ce_a, ce_b, kl_a, kl_b)
     out = _compare(*arrays, losses.tokens_per_context)
     for name in list(out):
-        stat: Callable[..., float] = lambda *x, name=name: _compare(*x, losses.tokens_per_context)[name]
+        stat = _pick(lambda *a: _compare(*a, losses.tokens_per_context), name)
         out[name + "_lo"], out[name + "_hi"] = context_bootstrap(stat, *arrays, seed=seed)
     return out
