@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import html
 import json
 import pkgutil
 import shutil
@@ -187,15 +188,6 @@ def executed_profile(notebook: str) -> str | None:
     return meta.get("papermill", {}).get("parameters", {}).get("profile")
 
 
-def _md(text: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-_VERDICT_MARK = {"reproduced": "✅ reproduced", "partly": "🟡 partly", "not reproduced": "❌ not reproduced",
-                 "inconclusive": "⚪ inconclusive"}
-
-
 def _ours(v: dict) -> str:
     """Our number with its 95% interval and its trend with training budget, where recorded."""
     text = str(v["ours"])
@@ -207,9 +199,21 @@ def _ours(v: dict) -> str:
     return text
 
 
+def _badge(verdict: str, stale: bool = False) -> str:
+    """The verdict as a coloured text badge (CSS `sae-verdict-*` in book/_assets; text, not an
+    emoji, so it shows where no emoji font is installed)."""
+    slug = verdict.replace(" ", "-")
+    return (f'<span class="sae-verdict sae-verdict-{slug}">{html.escape(verdict)}</span>'
+            + (' <span class="sae-verdict sae-verdict-stale">stale</span>' if stale else ""))
+
+
 def verdicts_table(notebooks: list[str] | None = None) -> str:
-    """Markdown: each claim of the papers (from the notebooks' `record_verdict` calls, under the
-    profile their book copies ran with) with the paper's number, ours and the verdict."""
+    """Each claim of the papers (from the notebooks' `record_verdict` calls, under the profile
+    their book copies ran with): claim, the paper's number, ours (with its interval and trend),
+    the verdict as a badge, and a link to the chapter, whose verdict line gives the criterion.
+
+    Raw HTML (MyST passes it through) with fixed column widths, so the table wraps inside the
+    page's content column instead of scrolling sideways."""
     rows = []
     names = notebooks or [p.stem for p in pipeline.notebook_paths()]
     for nb in names:
@@ -219,14 +223,17 @@ def verdicts_table(notebooks: list[str] | None = None) -> str:
         mine = sorted(((c, v) for c, v in verdicts_of(prof).items() if v["notebook"] == nb),
                       key=lambda cv: (cv[1]["time"], cv[0]))  # the order the notebook found them
         for claim_id, v in mine:
-            stale = " (stale)" if v.get("stale") else ""
-            rows.append(f"| {_md(v['claim'])} | {_md(v['paper'])} | {_md(_ours(v))} | "
-                        f"{_VERDICT_MARK[v['verdict']]}{stale} | {_md(v['why'])} | "
-                        f"{{doc}}`{nb} </chapters/{nb}>` ({prof}) |")
+            cells = [html.escape(str(v["claim"])), html.escape(str(v["paper"])), html.escape(_ours(v)),
+                     _badge(v["verdict"], bool(v.get("stale"))),
+                     f'<a href="chapters/{nb}.html">{html.escape(nb.replace("_", " "))}</a> ({html.escape(prof)})']
+            rows.append(f'<tr id="verdict-{html.escape(claim_id)}">' + "".join(f"<td>{c}</td>" for c in cells)
+                        + "</tr>")
     if not rows:
         return "No verdicts recorded yet.\n"
-    return ("| claim | paper | ours | verdict | why | where (profile) |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    head = "".join(f"<th>{h}</th>" for h in ("claim", "paper", "ours", "verdict", "chapter (profile)"))
+    return ('<table class="sae-verdicts">\n<colgroup><col class="c-claim"><col class="c-paper"><col class="c-ours">'
+            '<col class="c-verdict"><col class="c-where"></colgroup>\n'
+            f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>\n")
 
 
 # The book's parts by paper: a landing page (book/PART.md) includes its part's verdicts.

@@ -111,3 +111,25 @@ def test_an_sae_of_the_chapter_follows_its_heldout_fvu(monkeypatch):
     ch.sae("topk", 8)
     assert seen["data"].name == "train"
     assert seen["heldout"] == ("test", ch.hook, chapter_mod.HELDOUT_TOKENS)
+
+
+def test_the_verdict_table_is_html_with_text_badges_and_chapter_links(monkeypatch):
+    from sae_repro import book
+
+    recorded = {"a-claim": {"notebook": "nb_one", "claim": "x < y & z", "paper": "0.9", "ours": "0.89",
+                            "interval": [0.85, 0.93], "trend": "flat", "verdict": "not reproduced",
+                            "why": "criterion", "time": "2026-12-02T00:00:00+00:00"},
+                "b-claim": {"notebook": "nb_one", "claim": "c", "paper": "p", "ours": "o", "verdict": "partly",
+                            "why": "w", "time": "2026-12-02T00:00:01+00:00", "stale": True}}
+    monkeypatch.setattr(book, "executed_profile", lambda nb: "ci" if nb == "nb_one" else None)
+    monkeypatch.setattr(book, "verdicts_of", lambda prof: recorded)
+    table = book.verdicts_table(["nb_one", "nb_two"])
+    assert table.startswith('<table class="sae-verdicts">') and table.count("<tr id=") == 2
+    assert "x &lt; y &amp; z" in table  # escaped
+    assert '<span class="sae-verdict sae-verdict-not-reproduced">not reproduced</span>' in table
+    assert 'sae-verdict-stale">stale</span>' in table.split('id="verdict-b-claim"')[1]
+    assert '<a href="chapters/nb_one.html">nb one</a> (ci)' in table
+    assert "0.89 (95% interval 0.85 to 0.93); with more training: flat" in table
+    assert table.index("a-claim") < table.index("b-claim")  # in the order the notebook found them
+    assert not any(ord(ch) > 0x2000 for ch in table)  # no emoji: text badges
+    assert book.verdicts_table(["nb_two"]) == "No verdicts recorded yet.\n"
