@@ -236,6 +236,61 @@ def verdicts_table(notebooks: list[str] | None = None) -> str:
             f"<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>\n")
 
 
+# A cell the book adds to an executed notebook (`present`): marked, so presenting twice is a no-op.
+_ADDED = "sae_repro_added"
+
+
+def _markdown(text: str) -> dict:
+    return {"cell_type": "markdown", "metadata": {_ADDED: True}, "source": text.splitlines(True)}
+
+
+def _tag(cell: dict, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def present(nb: dict, name: str, profile: str | None, verdicts: list[dict]) -> dict:
+    """An executed notebook as the book shows it, prose first (a copy; the outputs are untouched).
+
+    After the opening markdown cell: the chapter's answer, its verdicts as badges. The notebook's
+    own `parameters` cell is removed (papermill's injected one holds the values the run used and
+    is shown, labelled with the profile and the command that reruns it). Every other code cell's
+    input is folded behind a toggle (the Jupyter Book tag `hide-input`); outputs stay."""
+    nb = json.loads(json.dumps(nb))
+    cells = [c for c in nb["cells"] if not c.get("metadata", {}).get(_ADDED)]
+    out: list[dict] = []
+    for i, cell in enumerate(cells):
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags:
+            rerun = f"sae-repro run --profile {profile} --only {name}" if profile else f"sae-repro run --only {name}"
+            out.append(_markdown(f"**Parameters of this run** (profile `{profile}`): rerun with `{rerun}`, "
+                                 "and change one with `-p NAME VALUE`."))
+        elif "parameters" in tags:
+            _tag(cell, "remove-cell")
+        elif cell["cell_type"] == "code":
+            _tag(cell, "hide-input")
+        out.append(cell)
+        if i == 0 and cell["cell_type"] == "markdown" and verdicts:
+            lines = [f"- {html.escape(str(v['claim']))}: {_badge(v['verdict'], bool(v.get('stale')))}"
+                     for v in verdicts]
+            out.append(_markdown(f"**What this chapter finds** (profile `{profile}`; the numbers, "
+                                 "intervals and criteria are in the verdict lines below):\n\n" + "\n".join(lines)))
+    nb["cells"] = out
+    return nb
+
+
+def present_executed() -> None:
+    """`present` every executed notebook in place (the pipeline writes them afresh on each run)."""
+    for path in sorted(pipeline.executed_dir().glob("*.ipynb")):
+        prof = executed_profile(path.stem)
+        mine = [] if prof is None else sorted(
+            (v for v in verdicts_of(prof).values() if v["notebook"] == path.stem), key=lambda v: v["time"])
+        nb = json.loads(path.read_text())
+        _write_if_changed(path, (json.dumps(present(nb, path.stem, prof, mine), indent=1, ensure_ascii=False)
+                                 + "\n").encode())
+
+
 # The book's parts by paper: a landing page (book/PART.md) includes its part's verdicts.
 CHAPTER_PARTS = {
     "dark_matter": ("dark_matter_synthetic", "dark_matter_scaling", "dark_matter_layers",
@@ -322,6 +377,7 @@ def build(out: Path | None = None) -> Path:
               f"shows the previous ones and says so on the reproducibility page): {stale}",
               file=sys.stderr)
     write_generated(book)
+    present_executed()
     static = book / "_generated" / "static"  # served as _static/ (see _config.yml)
     _copy_figures(static)
     _copy_mathjax(static)

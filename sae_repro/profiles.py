@@ -103,7 +103,7 @@ QUICK: dict[str, Any] = {
     "main_epochs": 2.0,
     "sae_ladder": [0.1, 0.3],  # the cheapest 10x ladder (+8% steps): quick stays within 10 minutes
     "ce_n_contexts": 8,
-    "dm_ce_n_contexts": 24,
+    "dm_ce_n_contexts": 16,
     "dm_expansions": [2, 4, 8],
     "dm_ks": [16, 32],
     "dm_layer_expansions": [2, 8],

@@ -133,3 +133,27 @@ def test_the_verdict_table_is_html_with_text_badges_and_chapter_links(monkeypatc
     assert table.index("a-claim") < table.index("b-claim")  # in the order the notebook found them
     assert not any(ord(ch) > 0x2000 for ch in table)  # no emoji: text badges
     assert book.verdicts_table(["nb_two"]) == "No verdicts recorded yet.\n"
+
+
+def test_present_puts_prose_first_and_folds_code():
+    from sae_repro import book
+
+    def cell(kind, src, tags=()):
+        c = {"cell_type": kind, "metadata": {"tags": list(tags)} if tags else {}, "source": [src]}
+        return c | ({"outputs": [{"output_type": "stream", "text": ["out"]}], "execution_count": 1}
+                    if kind == "code" else {})
+
+    nb = {"cells": [cell("markdown", "# Title\nThe question."), cell("code", "k = 32", ["parameters"]),
+                    cell("code", 'profile = "ci"\nk = 8', ["injected-parameters"]), cell("code", "import x"),
+                    cell("markdown", "## Section")], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    found = [{"claim": "a claim", "verdict": "partly", "time": "t"}]
+    shown = book.present(nb, "nb_one", "ci", found)
+    kinds = [(c["cell_type"], c["metadata"].get("tags", [])) for c in shown["cells"]]
+    assert kinds[0] == ("markdown", []) and "What this chapter finds" in "".join(shown["cells"][1]["source"])
+    assert 'sae-verdict-partly">partly</span>' in "".join(shown["cells"][1]["source"])
+    assert kinds[2] == ("code", ["parameters", "remove-cell"])  # the notebook's own values: not shown
+    assert "profile `ci`" in "".join(shown["cells"][3]["source"])  # the label of the injected cell
+    assert kinds[4] == ("code", ["injected-parameters"])  # shown, unfolded
+    assert kinds[5] == ("code", ["hide-input"]) and shown["cells"][5]["outputs"] == nb["cells"][3]["outputs"]
+    assert book.present(shown, "nb_one", "ci", found) == shown  # presenting twice changes nothing
+    assert nb["cells"][3]["metadata"] == {}  # the input is not modified
