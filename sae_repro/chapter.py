@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sae_repro.activations import ActivationStore
 from sae_repro.experiments import Setting, analysis_stores, fresh_store, gradient_stores, resid
-from sae_repro.figures import record_input, record_verdict, save_figure
+from sae_repro.figures import record_input, record_verdict, save_figure, save_page
 from sae_repro.precision import resolve_bf16
 from sae_repro.profiles import PARAMETERS
 from sae_repro.sae import SparseAutoencoder
@@ -183,6 +183,11 @@ class Chapter:
         """Save a figure with its data and manifest entry (`figures.save_figure`)."""
         return save_figure(fig, data, fig_id, notebook=self.name, profile=self.profile,
                            params=self.params, caption=caption)
+
+    def page(self, fragment: str, data: pd.DataFrame, page_id: str, *, title: str, caption: str = ""):
+        """Save an HTML view (`sae_repro.views`) as a page with its data (`figures.save_page`)."""
+        return save_page(fragment, data, page_id, title=title, notebook=self.name,
+                         profile=self.profile, params=self.params, caption=caption)
 
     def verdict(self, claim_id: str, verdict: Verdict, *, claim: str, paper: str, ours: str) -> str:
         """Record a claim's verdict, decided by a `sae_repro.verdicts` criterion; returns the line

@@ -184,6 +184,7 @@ class FigureCitation:
     dirty: bool
     command: str
     profile: str
+    exts: tuple[str, ...] = ("png", "svg", "csv")  # the files it has (a page: html, csv)
 
     @property
     def citation(self) -> str:
@@ -200,7 +201,7 @@ class FigureCitation:
         # _static/figures/<profile>/ by `sae-repro book`.
         files = " · ".join(
             f'<a href="../_static/figures/{self.profile}/{self.fig_id}.{ext}">{ext.upper()}</a>'
-            for ext in ("png", "svg", "csv"))
+            for ext in self.exts)
         e = html.escape
         return (f'<div class="sae-figure-cite" id="figure-{e(self.fig_id)}">'
                 f"<p><strong>Figure <code>{e(self.fig_id)}</code>.</strong> {e(self.caption)}</p>"
@@ -253,24 +254,64 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
     """Write `<fig_id>.png/.svg/.csv`, record it in `manifest.json` and, in a notebook, show it
     with how to cite and regenerate it. `inputs` (name -> hash) adds to those recorded with
     `record_input`. Returns the PNG path."""
-    if not fig_id.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"fig_id={fig_id!r}: use letters, digits, '-' and '_' only")
+    _check_fig_id(fig_id)
     root = _staging() or figures_dir(profile)
     for ext in ("png", "svg"):
         with atomic_path(root / f"{fig_id}.{ext}") as tmp:
             fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight",
                         metadata={"Date": None} if ext == "svg" else None)
+    citation = _record(root, data, fig_id, ("png", "svg", "csv"), notebook=notebook, profile=profile,
+                       params=params, caption=caption, inputs=inputs)
+    _show(fig, citation)
+    return root / f"{fig_id}.png"
+
+
+@timed("plotting")
+def save_page(fragment: str, data: pd.DataFrame, page_id: str, *, title: str, notebook: str,
+              profile: str, params: dict[str, Any], caption: str = "",
+              inputs: dict[str, str] | None = None) -> Path:
+    """Write an HTML view (`sae_repro.views`) as the standalone page `<page_id>.html` with the
+    data behind it as `<page_id>.csv`, record it in `manifest.json` like a figure and, in a
+    notebook, show the view inline with its citation. Returns the HTML path."""
+    from sae_repro.views import page
+
+    _check_fig_id(page_id)
+    root = _staging() or figures_dir(profile)
+    with atomic_path(root / f"{page_id}.html") as tmp:
+        tmp.write_text(page(fragment, title), encoding="utf-8")
+    citation = _record(root, data, page_id, ("html", "csv"), notebook=notebook, profile=profile,
+                       params=params, caption=caption, inputs=inputs)
+    try:
+        from IPython import get_ipython
+        from IPython.display import HTML, display
+    except ImportError:
+        return root / f"{page_id}.html"
+    if get_ipython() is not None:
+        display(HTML(fragment))
+        display(citation)
+    return root / f"{page_id}.html"
+
+
+def _check_fig_id(fig_id: str) -> None:
+    if not fig_id.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"fig_id={fig_id!r}: use letters, digits, '-' and '_' only")
+
+
+def _record(root: Path, data: pd.DataFrame, fig_id: str, exts: tuple[str, ...], *, notebook: str,
+            profile: str, params: dict[str, Any], caption: str,
+            inputs: dict[str, str] | None) -> FigureCitation:
+    """Write the figure's CSV and its manifest entry -> its citation."""
     with atomic_path(root / f"{fig_id}.csv") as tmp:
         data.to_csv(tmp, index=False)
     commit, dirty = _git_state()
     citation = FigureCitation(fig_id, caption, __version__, commit, dirty,
                               regenerate_command(profile, notebook, _overrides(profile, params)),
-                              profile)
+                              profile, exts)
     entry = {
         "notebook": notebook, "profile": profile, "params": params, "caption": caption,
         "package_version": __version__, "git_commit": commit, "git_dirty": dirty,
         "inputs": recorded_inputs() | (inputs or {}),
-        "files": [f"{fig_id}.png", f"{fig_id}.svg", f"{fig_id}.csv"],
+        "files": [f"{fig_id}.{ext}" for ext in exts],
         "citation": citation.citation, "command": citation.command,
         "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "stale": False,
@@ -284,8 +325,7 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
         manifest[fig_id] = entry
 
     update_json(root / "manifest.json", add)
-    _show(fig, citation)
-    return root / f"{fig_id}.png"
+    return citation
 
 
 # ---------------------------------------------------------------------------------------------

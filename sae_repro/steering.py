@@ -77,13 +77,14 @@ def _check_tokens(model: HookedTransformer, tokens: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def top_promoted_token(model: HookedTransformer, directions: Tensor) -> Tensor:
-    """The token each direction most promotes through the unembedding.  [n_dirs, d_model] -> [n_dirs].
+def direct_logits(model: HookedTransformer, directions: Tensor) -> Tensor:
+    """The logit change each unit direction makes through the unembedding alone (direct path).
+    [n_dirs, d_model] -> [n_dirs, d_vocab].
 
-    Direct path only (approximate): argmax_v of (LN-centred u * ln_final.w) @ W_U. Blocks between
-    the hook and the unembedding are ignored (exact only at the last layer's resid_post), and so
-    is ln_final's per-token normalisation: it is a positive scale that leaves the argmax of u's own
-    contribution alone, but it also mixes u with the residual already present.
+    (LN-centred u * ln_final.w) @ W_U: blocks between the hook and the unembedding are ignored
+    (exact only at the last layer's resid_post), and so is ln_final's per-token normalisation: it
+    is a positive scale that leaves the order of u's own contribution alone, but it also mixes u
+    with the residual already present.
     """
     u = _unit_directions(model, directions)
     if model.cfg.normalization_type in ("LN", "LNPre"):
@@ -91,7 +92,13 @@ def top_promoted_token(model: HookedTransformer, directions: Tensor) -> Tensor:
     w = getattr(getattr(model, "ln_final", None), "w", None)
     if w is not None:
         u = u * w.float()
-    return (u @ model.W_U.float()).argmax(-1)
+    return u @ model.W_U.float()
+
+
+def top_promoted_token(model: HookedTransformer, directions: Tensor) -> Tensor:
+    """The token each direction most promotes through the unembedding (`direct_logits`, an
+    approximation).  [n_dirs, d_model] -> [n_dirs]."""
+    return direct_logits(model, directions).argmax(-1)
 
 
 def _add_hook(directions: Tensor, scale: float, positions: str, n_ctx: int) -> Callable:

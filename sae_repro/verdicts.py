@@ -43,6 +43,7 @@ HARD_TOKENS_P = 0.01
 BEATS_MOST = 0.5  # "better at equal L0": mean delta > 0 and more than this share of points > 0
 # g-SAEs (Olmo et al.) and the cross-paper chapter
 CLEAR_SE = 2.0  # a difference of means counts when beyond this many standard errors
+INTERPRETABLE_MARGIN = 0.05  # ours: "comparable" = g-SAE's mean token concentration at most this below TopK's
 SEED_NOISE_STD = 2.0  # an effect counts when beyond this many training-seed standard deviations
 ONE_SEED_NOISE = 0.05  # with one seed: the noise is guessed as this share of TopK's value
 
@@ -548,6 +549,23 @@ def gsae_steering(calls: Sequence[str]) -> Verdict:
         return Verdict("partly", why)
     unclear = all(c == "no clear difference" for c in calls)
     return Verdict("not reproduced", why, "no clear difference" if unclear else "")
+
+
+def gsae_interpretable(difference: float, interval: tuple[float, float]) -> Verdict:
+    """"g-SAE latents are as interpretable as TopK's", on our proxy (`latents.token_concentration`:
+    the share of a latent's top held-out activations on its most frequent token; the paper scored
+    LLM-written explanations, which need a hub model). difference: mean over latents, g-SAE minus
+    TopK, with its 95% bootstrap interval (latents resampled). A non-inferiority reading:
+    reproduced when the interval lies above -INTERPRETABLE_MARGIN (not worse by more than the
+    margin; better counts), not reproduced when it lies below, else inconclusive."""
+    why = (f"criterion (our proxy, token concentration of the top activations): the 95% interval "
+           f"of g-SAE minus TopK above -{INTERPRETABLE_MARGIN} (not reproduced: below it)")
+    if np.isnan(difference):
+        return Verdict("inconclusive", why, "no difference measured", interval=interval)
+    where = side(interval, -INTERPRETABLE_MARGIN)
+    if where == "straddles":
+        return Verdict("inconclusive", why, "the interval straddles the margin", interval=interval)
+    return Verdict("reproduced" if where == "above" else "not reproduced", why, interval=interval)
 
 
 # ---------------------------------------------------------------------------------------------

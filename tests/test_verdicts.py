@@ -399,3 +399,17 @@ def test_effect_over_seeds_needs_the_interval_to_exclude_zero():
     assert word == "no clear change" and lo < 0 < hi
     with pytest.raises(ValueError, match="needs >= 2 values on each side"):
         V.effect_over_seeds([0.2], [0.3, 0.31])
+
+
+# non-inferiority at -0.05 (INTERPRETABLE_MARGIN)
+@pytest.mark.parametrize("diff, ci, want", [
+    (0.02, (-0.01, 0.05), "reproduced"),  # not worse, even a little better
+    (-0.03, (-0.049, -0.01), "reproduced"),  # worse, but by less than the margin
+    (-0.04, (-0.07, -0.01), "inconclusive"),  # the interval straddles -0.05
+    (-0.09, (-0.12, -0.051), "not reproduced"),  # worse by more than the margin
+    (float("nan"), (float("nan"), float("nan")), "inconclusive"),
+])
+def test_gsae_interpretable(diff, ci, want):
+    v = V.gsae_interpretable(diff, ci)
+    assert _v(v) == want
+    assert v.interval == ci or want == "inconclusive"
