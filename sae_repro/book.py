@@ -296,7 +296,7 @@ CHAPTER_PARTS = {
     "dark_matter": ("dark_matter_synthetic", "dark_matter_scaling", "dark_matter_layers",
                     "dark_matter_downstream", "dark_matter_reducing"),
     "mutual_choice": ("mutual_choice",),
-    "gradient_sae": ("gradient_sae",),
+    "gradient_sae": ("gradient_sae", "reading_latents"),  # the latents chapter judges its interpretability claim
     "cross_paper": ("cross_paper",),
 }
 

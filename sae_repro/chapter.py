@@ -184,10 +184,11 @@ class Chapter:
         return save_figure(fig, data, fig_id, notebook=self.name, profile=self.profile,
                            params=self.params, caption=caption)
 
-    def page(self, fragment: str, data: pd.DataFrame, page_id: str, *, title: str, caption: str = ""):
+    def page(self, fragment: str, data: pd.DataFrame, page_id: str, *, title: str, caption: str = "",
+             inline: bool = True):
         """Save an HTML view (`sae_repro.views`) as a page with its data (`figures.save_page`)."""
         return save_page(fragment, data, page_id, title=title, notebook=self.name,
-                         profile=self.profile, params=self.params, caption=caption)
+                         profile=self.profile, params=self.params, caption=caption, inline=inline)
 
     def verdict(self, claim_id: str, verdict: Verdict, *, claim: str, paper: str, ours: str) -> str:
         """Record a claim's verdict, decided by a `sae_repro.verdicts` criterion; returns the line

@@ -269,10 +269,11 @@ def save_figure(fig, data: pd.DataFrame, fig_id: str, *, notebook: str, profile:
 @timed("plotting")
 def save_page(fragment: str, data: pd.DataFrame, page_id: str, *, title: str, notebook: str,
               profile: str, params: dict[str, Any], caption: str = "",
-              inputs: dict[str, str] | None = None) -> Path:
+              inputs: dict[str, str] | None = None, inline: bool = True) -> Path:
     """Write an HTML view (`sae_repro.views`) as the standalone page `<page_id>.html` with the
     data behind it as `<page_id>.csv`, record it in `manifest.json` like a figure and, in a
-    notebook, show the view inline with its citation. Returns the HTML path."""
+    notebook, show its citation (which links the page) after the view itself if `inline`.
+    Returns the HTML path."""
     from sae_repro.views import page
 
     _check_fig_id(page_id)
@@ -287,7 +288,8 @@ def save_page(fragment: str, data: pd.DataFrame, page_id: str, *, title: str, no
     except ImportError:
         return root / f"{page_id}.html"
     if get_ipython() is not None:
-        display(HTML(fragment))
+        if inline:
+            display(HTML(fragment))
         display(citation)
     return root / f"{page_id}.html"
 

@@ -11,8 +11,9 @@ interpretable the latents are.
   LLM's explanation score, which needs a hub model): of a latent's `n_top` largest held-out
   activations, the share on its single most frequent token identity, and the share of distinct
   contexts among them. A latent that reads one word scores 1 on concentration; one spread evenly
-  over `n_top` different tokens scores 1 / n_top. Only latents with at least `n_top` firings are
-  scored (fewer would make the shares incomparable).
+  over `n_top` different tokens scores 1 / n_top; `random_concentration` is the score of tokens
+  drawn at random. Only latents with at least `n_top` firings are scored (fewer would make the
+  shares incomparable).
 - `mean_interval`: the mean of a proxy over latents with its 95% bootstrap interval (latents
   resampled); `difference_of_means`: the same for the difference between two SAEs' latents.
 """
@@ -148,6 +149,17 @@ def token_concentration(act: Activity, tokens: Tensor) -> Tensor:
     ids = tokens[act.top_idx.clamp(min=0)]  # [n_latents, n_top]
     top_share = torch.tensor([np.bincount(r).max() for r in ids.numpy()], dtype=torch.float64) / n_top
     return torch.where(act.counts >= n_top, top_share, torch.full_like(top_share, float("nan")))
+
+
+def random_concentration(tokens: Tensor, n_top: int, *, n_draws: int = 2000, seed: int = 0) -> float:
+    """The mean token concentration of `n_top` held-out tokens drawn at random (without
+    replacement, seeded): what latents firing on tokens regardless of identity would score."""
+    if not 2 <= n_top <= len(tokens):
+        raise ValueError(f"n_top={n_top!r}: expected 2..{len(tokens)} (the number of tokens)")
+    g = torch.Generator().manual_seed(seed)
+    shares = [np.bincount(tokens[torch.randperm(len(tokens), generator=g)[:n_top]].numpy()).max()
+              for _ in range(n_draws)]
+    return float(np.mean(shares)) / n_top
 
 
 def context_spread(act: Activity, context: Tensor) -> Tensor:

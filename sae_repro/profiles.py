@@ -66,6 +66,9 @@ CI: dict[str, Any] = {
     "steer_n_contexts": 2,
     "steer_ctx_len": 16,
     "steer_scale": 0.25,
+    "cards_n_latents": 3,
+    "cards_n_top": 10,
+    "tv_n_contexts": 2,
     "cross_seeds": 2,  # two seeds: the Welch interval path runs in CI
     "syn_n_tokens": 3000,
     "syn_d_model": 32,
@@ -118,6 +121,9 @@ QUICK: dict[str, Any] = {
     "steer_n_contexts": 4,
     "steer_ctx_len": 32,
     "steer_scale": 0.25,
+    "cards_n_latents": 8,
+    "cards_n_top": 20,
+    "tv_n_contexts": 4,
     "cross_seeds": 1,
     "syn_n_tokens": 20_000,
     "syn_d_model": 64,
@@ -222,6 +228,12 @@ DEFAULT: dict[str, Any] = {
     # added norm / median token norm: at 1.0 every direction, random ones included, moved the
     # output by the same ~3.5 nats (saturated); a quarter stays where directions differ
     "steer_scale": 0.25,
+    # latent cards and token views (the Reading the latents chapter): latents per SAE type,
+    # top held-out activations per latent (the proxy is scored on latents firing at least this
+    # often), held-out contexts in the token views
+    "cards_n_latents": 16,
+    "cards_n_top": 20,
+    "tv_n_contexts": 8,
     # cross-paper chapter: training seeds per SAE type (an effect is one whose Welch 95% interval
     # over seeds excludes 0: 3 seeds at least; ~35 s per SAE on 2 AVX2 cores)
     "cross_seeds": 3,
@@ -281,6 +293,9 @@ FULL: dict[str, Any] = {
     "steer_n_contexts": 32,
     "steer_ctx_len": 64,
     "steer_scale": 0.25,
+    "cards_n_latents": 16,
+    "cards_n_top": 20,
+    "tv_n_contexts": 8,
     "cross_seeds": 3,
     "syn_n_tokens": 200_000,
     "syn_d_model": 256,
@@ -358,6 +373,9 @@ RULES: dict[str, Rule] = {
     "steer_n_contexts": Rule(min=1),
     "steer_ctx_len": Rule(min=2),
     "steer_scale": Rule(min=0.0),
+    "cards_n_latents": Rule(min=1),
+    "cards_n_top": Rule(min=2),
+    "tv_n_contexts": Rule(min=1),
     "cross_seeds": Rule(min=1),
     "syn_d_model": Rule(min=1),
     "syn_n_features": Rule(min=1),

@@ -179,10 +179,11 @@ def test_every_page_loads_with_its_figures_and_typeset_equations(built_book, man
         if rel.startswith("chapters/"):
             figs = sorted(k for k, e in manifest.items() if e["notebook"] == page.stem)
             assert sorted(c.removeprefix("figure-") for c in s["cites"]) == figs, rel
-            assert len(s["images"]) >= len(figs), f"{rel}: missing figure images"
-            for fig in figs:  # the files linked under each figure are served
-                for ext in ("png", "svg", "csv"):
-                    with urllib.request.urlopen(f"{server}/_static/figures/ci/{fig}.{ext}") as r:
+            images = [k for k in figs if f"{k}.png" in manifest[k]["files"]]  # pages have no image
+            assert len(s["images"]) >= len(images), f"{rel}: missing figure images"
+            for fig in figs:  # the files linked under each figure (or HTML view) are served
+                for f in manifest[fig]["files"]:
+                    with urllib.request.urlopen(f"{server}/_static/figures/ci/{f}") as r:
                         assert len(r.read()) > 0
     assert seen_math >= 2  # the introduction and the Dark Matter chapter have equations
 
@@ -197,3 +198,59 @@ def test_screenshot_of_a_chapter(built_book, server, browser, tmp_path):
     out.parent.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(out))
     assert out.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+_HOVER = """
+const tok = document.querySelector(arguments[0] + " .sae-tok");
+tok.scrollIntoView({block: "center"});
+tok.dispatchEvent(new MouseEvent("mouseover", {bubbles: true}));
+return {hover: tok.closest(".sae-view").querySelector(".sae-hover").textContent,
+        token: tok.textContent, background: tok.style.background,
+        resources: performance.getEntriesByType("resource").map(r => r.name)};
+"""
+
+
+@needs_chromium
+@pytest.mark.parametrize("page, view", [
+    ("_static/figures/ci/latents-tokens-in-context.html", "#tokens-in-context"),
+    ("_static/figures/ci/latents-side-by-side.html", "#cards-side-by-side"),
+    ("_static/figures/ci/latents-topk.html", "#cards-topk"),
+    ("chapters/reading_latents.html", "#tokens-in-context"),  # the same views inline in the chapter
+])
+def test_token_view_and_latent_cards_show_numbers_on_hover(built_book, server, browser, tmp_path,
+                                                           page, view):
+    browser.get(f"{server}/{page}")
+    s = browser.execute_script(_HOVER, view)
+    assert re.search(r": -?\d+(\.\d+)?(e[-+]\d+)?$", s["hover"]), s["hover"]
+    assert s["token"] in s["hover"]
+    assert s["background"].startswith("rgba(214, 69, 30")
+    assert not [r for r in s["resources"] if not r.startswith(server)], f"{page}: off-site load"
+    if view == "#tokens-in-context":  # the menu switches the quantity the hover reports
+        sel = browser.find_element("css selector", f"{view} select")
+        options = sel.find_elements("css selector", "option")
+        assert len(options) >= 5
+        browser.execute_script("arguments[0].value = '1'; arguments[0].dispatchEvent(new Event('change'))", sel)
+        again = browser.execute_script(_HOVER, view)
+        assert options[1].text in again["hover"]
+    out = Path(os.environ.get("SAE_REPRO_SCREENSHOTS", tmp_path)) / (Path(page).stem + ".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(out)) and out.stat().st_size > 10_000
+
+
+_WIDTH = """
+const t = document.querySelector("table.sae-verdicts");
+return t ? {table: t.scrollWidth, column: t.parentElement.clientWidth,
+            page: document.documentElement.scrollWidth, window: window.innerWidth} : null;
+"""
+
+
+@needs_chromium
+def test_verdict_table_fits_a_1000_pixel_column(built_book, server, browser):
+    browser.set_window_size(1000 + 2 * 160, 1600)  # the content column is narrower than this
+    try:
+        browser.get(f"{server}/intro.html")
+        w = browser.execute_script(_WIDTH)
+        assert w is not None, "no verdict table on the introduction"
+        assert w["table"] <= w["column"] and w["page"] <= w["window"], w
+    finally:
+        browser.set_window_size(1280, 1600)

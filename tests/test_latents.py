@@ -100,3 +100,11 @@ def test_bad_n_top():
     sae, (x, _, _) = _sae(), _data()
     with pytest.raises(ValueError, match="n_top"):
         L.activity(sae, x, n_top=0)
+
+
+def test_random_concentration():
+    assert L.random_concentration(torch.zeros(50, dtype=torch.long), 10) == 1.0  # one token only
+    distinct = L.random_concentration(torch.arange(50), 10)
+    assert distinct == pytest.approx(0.1)  # all different: 1 / n_top
+    with pytest.raises(ValueError, match="n_top"):
+        L.random_concentration(torch.arange(5), 6)
