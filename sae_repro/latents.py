@@ -77,7 +77,9 @@ def _token_index(context: Tensor, position: Tensor) -> dict[tuple[int, int], int
 @dataclass
 class Card:
     """One latent: `examples` are (tokens [w] as text, activations [w], index of the activating
-    token in the window); `raises` / `lowers` are (token text, logit change per unit direction)."""
+    token in the window); `raises` / `lowers` are (token text, logit change per unit direction);
+    `steering`, where measured (`steering.steering_effect` of its decoder direction): scale,
+    kl_per_norm, target (the token it most promotes) and target_logprob_delta."""
 
     sae: str
     latent: int
@@ -86,6 +88,7 @@ class Card:
     examples: list[tuple[list[str], list[float], int]] = field(default_factory=list)
     raises: list[tuple[str, float]] = field(default_factory=list)
     lowers: list[tuple[str, float]] = field(default_factory=list)
+    steering: dict[str, float | str] | None = None
 
 
 def card(name: str, latent: int, act: Activity, acts: dict[int, float], tokens: Tensor,

@@ -129,10 +129,16 @@ def _card(c: Card) -> str:
         for toks, acts, at in c.examples)
     rows = "".join(f"<tr><td>{_text(u)} {up:+.2f}</td><td>{_text(d)} {down:+.2f}</td></tr>"
                    for (u, up), (d, down) in zip(c.raises, c.lowers))
+    steer = ""
+    if c.steering:
+        s = c.steering
+        steer = (f'<div class="sae-meta">steering (added norm {float(s["scale"]):.3g}): KL '
+                 f'{float(s["kl_per_norm"]):.3g} nats per unit norm; log p({_text(str(s["target"]))}) '
+                 f'{float(s["target_logprob_delta"]):+.3g}</div>')
     return (f'<div class="sae-card"><h4>{html.escape(c.sae)} \u00b7 latent {c.latent}</h4>'
             f'<div class="sae-meta">density {100 * c.density:.3g}% ({c.firings} held-out firings); '
             f"top activations, outlined token activating</div>{examples}"
-            f"<table><tr><th>logits raised</th><th>logits lowered</th></tr>{rows}</table></div>")
+            f"<table><tr><th>logits raised</th><th>logits lowered</th></tr>{rows}</table>{steer}</div>")
 
 
 def cards_view(cards: Sequence[Card], *, view_id: str, title: str = "") -> str:
