@@ -51,8 +51,14 @@ from torch import Tensor
 
 from sae_repro.metrics import fvu
 from sae_repro.sae import SAEConfig, SparseAutoencoder
-from sae_repro.train import (_check_data, _permutation, heldout_fvu, lr_factor, remove_parallel_decoder_grad,
-                             set_decoder_norm_to_unit)
+from sae_repro.train import (
+    _check_data,
+    _permutation,
+    heldout_fvu,
+    lr_factor,
+    remove_parallel_decoder_grad,
+    set_decoder_norm_to_unit,
+)
 
 
 def rectangle(u: Tensor) -> Tensor:

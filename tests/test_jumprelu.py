@@ -6,7 +6,6 @@ import torch
 
 from sae_repro import saelens
 from sae_repro.jumprelu import JumpReLU, JumpReLUConfig, Step, train_jumprelu
-from sae_repro.metrics import fvu
 
 EPS = 0.1
 

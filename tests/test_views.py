@@ -43,7 +43,8 @@ def test_cards_outline_the_activating_token_and_list_logits():
     assert " up +1.50" in out and " down -0.70" in out
     assert "steering" not in out  # not measured: no line
     c.steering = {"scale": 2.0, "kl_per_norm": 0.0123, "target": " up", "target_logprob_delta": 0.5}
-    assert "steering (added norm 2): KL 0.0123 nats per unit norm; log p( up) +0.5" in views.cards_view([c], view_id="c2")
+    line = "steering (added norm 2): KL 0.0123 nats per unit norm; log p( up) +0.5"
+    assert line in views.cards_view([c], view_id="c2")
     both = views.side_by_side({"TopK": [c], "g-SAE": [c]}, view_id="sbs")
     assert "repeat(2," in both and both.count('class="sae-card"') == 2
     doc = views.page(out, "cards")
