@@ -203,7 +203,7 @@ def train_jumprelu(x: Tensor, cfg: JumpReLUConfig, *, heldout: Tensor | None = N
             if step % cfg.log_every == 0 or step == total:
                 row = {"step": step, "tokens": step * B, "lr": opt.param_groups[0]["lr"],
                        "loss": float(loss.detach()), "fvu": fvu(batch, x_hat.detach()), "l0": float(l0.detach()),
-                       "l0_coef": lam * ramp, "theta_median": float(theta.median()) / s,
+                       "l0_coef": lam * ramp, "theta_median": float(theta.detach().median()) / s,
                        "tokens_per_s": step * B / (time.perf_counter() - t0)}
                 if heldout is not None and (step % heldout_every == 0 or step == total):
                     row["heldout_fvu"] = heldout_fvu(_folded(sae, log_theta, s), heldout, 4096)
