@@ -28,8 +28,8 @@ import time
 from typing import Any
 
 import torch
-
 from bench_train import batches, heldout_sae_lens
+
 from sae_repro.activations import ActivationSpec, collect
 from sae_repro.jumprelu import JumpReLUConfig, train_jumprelu
 from sae_repro.metrics import fvu
