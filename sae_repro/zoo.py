@@ -29,6 +29,7 @@ from torch import Tensor
 
 from sae_repro.activations import ActivationStore
 from sae_repro.cache import atomic_path, cache_dir, folder_problem, hash_inputs, tensor_digest, write_checksums
+from sae_repro.jumprelu import JumpReLUConfig, config_dict, train_jumprelu
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.saelens import load, save
 from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
@@ -90,6 +91,31 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
 
 
 RUNGS = "rungs"
+
+
+def trained_jumprelu(store: ActivationStore, cfg: JumpReLUConfig, *, hook: str | None = None,
+                     heldout: Tensor | None = None,
+                     progress: bool = False) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
+    """Train (or load from the cache) a JumpReLU SAE (`jumprelu.train_jumprelu`) on
+    `store[hook]` -> (sae, history, key); cached, checksummed and written atomically like
+    `trained_sae`, keyed by the store, hook, config and the held-out tokens it follows."""
+    hook = hook if hook is not None else _only_hook(store)
+    data_id = store.root.name + (f"|heldout:{tensor_digest(heldout)}" if heldout is not None else "")
+    key = hash_inputs({"format": FORMAT_VERSION, "kind": "jumprelu", "store": data_id, "hook": hook,
+                       "cfg": config_dict(cfg)})
+    root = cache_dir() / "saes" / key
+    if root.exists():
+        problem = folder_problem(root)
+        if problem is None:
+            return load(root), pd.read_csv(root / "history.csv"), key
+        warnings.warn(f"trained JumpReLU SAE {key}: {problem}; retraining it")
+        shutil.rmtree(root)
+    sae, history = train_jumprelu(store.load(hook).float(), cfg, heldout=heldout, progress=progress)
+    with atomic_path(root) as tmp:
+        save(sae, tmp)
+        history.to_csv(tmp / "history.csv", index=False)
+        write_checksums(tmp)
+    return sae, history, key
 
 
 def _save_rung(folder: Path, sae: SparseAutoencoder, row: dict[str, Any]) -> None:

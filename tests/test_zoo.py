@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sae_repro import zoo
@@ -61,3 +62,26 @@ def test_the_ladder_is_cached_with_the_sae_and_checked(isolated_cache):
     weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(ValueError, match="does not match its checksum"):
         zoo.ladder(key)
+
+
+def test_trained_jumprelu_is_cached_checked_and_keyed_by_config(isolated_cache, monkeypatch):
+    from sae_repro.jumprelu import JumpReLUConfig
+
+    store = collect(ActivationSpec(model="tiny-random", hooks=(HOOK,), n_tokens=1_024, ctx_len=32,
+                                   drop_first=2, dtype="float32"), progress=False)
+    calls = []
+    real = zoo.train_jumprelu
+    monkeypatch.setattr(zoo, "train_jumprelu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = JumpReLUConfig(expansion=2, target_l0=8.0, batch_size=256, epochs=2.0)
+    sae, hist, key = zoo.trained_jumprelu(store, cfg, hook=HOOK)
+    again, _, key2 = zoo.trained_jumprelu(store, cfg, hook=HOOK)
+    assert len(calls) == 1 and key == key2 and again.cfg.rule == "jumprelu"
+    torch.testing.assert_close(again.threshold, sae.threshold)
+    _, _, key3 = zoo.trained_jumprelu(store, JumpReLUConfig(expansion=2, target_l0=4.0, batch_size=256,
+                                                            epochs=2.0), hook=HOOK)
+    assert len(calls) == 2 and key3 != key
+    weights = isolated_cache / "saes" / key / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])  # a truncated file: retrained with a warning
+    with pytest.warns(UserWarning, match="retraining"):
+        zoo.trained_jumprelu(store, cfg, hook=HOOK)
+    assert len(calls) == 3
