@@ -210,21 +210,27 @@ class FigureCitation:
                 f"<p><em>Files:</em> {files}</p></div>")
 
 
-def _show(fig, citation: FigureCitation) -> None:
-    """In a notebook, show the figure with its citation under it (then close it, so that a
-    following plt.show() does not draw it twice)."""
+def _display(*objects: Any) -> bool:
+    """Display `objects` in order when running in a notebook; False (nothing shown) elsewhere."""
     try:
         from IPython import get_ipython
         from IPython.display import display
     except ImportError:
-        return
+        return False
     if get_ipython() is None:
-        return
-    import matplotlib.pyplot as plt
+        return False
+    for obj in objects:
+        display(obj)
+    return True
 
-    display(fig)
-    display(citation)
-    plt.close(fig)
+
+def _show(fig, citation: FigureCitation) -> None:
+    """In a notebook, show the figure with its citation under it (then close it, so that a
+    following plt.show() does not draw it twice)."""
+    if _display(fig, citation):
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,15 +288,15 @@ def save_page(fragment: str, data: pd.DataFrame, page_id: str, *, title: str, no
         tmp.write_text(page(fragment, title), encoding="utf-8")
     citation = _record(root, data, page_id, ("html", "csv"), notebook=notebook, profile=profile,
                        params=params, caption=caption, inputs=inputs)
-    try:
-        from IPython import get_ipython
-        from IPython.display import HTML, display
-    except ImportError:
-        return root / f"{page_id}.html"
-    if get_ipython() is not None:
-        if inline:
-            display(HTML(fragment))
-        display(citation)
+    shown: list[Any] = [citation]
+    if inline:
+        try:
+            from IPython.display import HTML
+        except ImportError:  # no IPython: nothing is shown anyway
+            pass
+        else:
+            shown.insert(0, HTML(fragment))
+    _display(*shown)
     return root / f"{page_id}.html"
 
 

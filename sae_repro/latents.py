@@ -133,14 +133,11 @@ def window_activations(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None, 
     out: dict[int, dict[int, float]] = {int(lat): {} for lat in latents.tolist()}
     # a batch rule's threshold does not depend on the batch in eval mode, so encoding a subset
     # gives each token the activations it has in the full pass
-    start = 0
+    lats, start = latents.tolist(), 0
     for _, o in _eval_batches(sae, x[sel], grads[sel] if grads is not None else None, 4096):
         dense = o.codes.to_dense().float().cpu()[:, latents]
-        for row in range(dense.shape[0]):
-            t = order[start + row]
-            for j, lat in enumerate(latents.tolist()):
-                if dense[row, j] > 0:
-                    out[int(lat)][t] = float(dense[row, j])
+        for row, j in torch.nonzero(dense > 0).tolist():  # only the active entries
+            out[int(lats[j])][order[start + row]] = float(dense[row, j])
         start += dense.shape[0]
     return out
 

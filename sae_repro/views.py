@@ -94,11 +94,19 @@ def _check_id(view_id: str) -> None:
         raise ValueError(f"view_id={view_id!r}: use letters, digits, '-' and '_' only")
 
 
+def _view(view_id: str, title: str, control: str, body: str, labels: list[str], maxes: list[float]) -> str:
+    """The shell every view shares: root div, style, title, the bar (control + hover box), script."""
+    _check_id(view_id)
+    head = f"<h3>{html.escape(title)}</h3>" if title else ""
+    return (f'<div class="sae-view" id="{view_id}"><style>{CSS}</style>{head}'
+            f'<div class="sae-bar">{control}<span class="sae-hover">hover a token for its '
+            f'{"value" if control else "activation"}</span></div>{body}</div>' + _script(view_id, labels, maxes))
+
+
 def token_view(texts: Sequence[Sequence[str]], quantities: dict[str, Sequence[Sequence[float]]], *,
                view_id: str, title: str = "") -> str:
     """Contexts as shaded text. texts: [n_ctx][n_tok] token strings; quantities: label ->
     [n_ctx][n_tok] values (>= 0 shaded; NaN unshaded), the first shown first."""
-    _check_id(view_id)
     if not quantities:
         raise ValueError("token_view: give at least one quantity")
     labels = list(quantities)
@@ -114,11 +122,8 @@ def token_view(texts: Sequence[Sequence[str]], quantities: dict[str, Sequence[Se
         spans = "".join(_tok(t, [float(quantities[n][c][i]) for n in labels], maxes[0])
                         for i, t in enumerate(toks))
         rows.append(f'<div class="sae-ctx">{spans}</div>')
-    head = f"<h3>{html.escape(title)}</h3>" if title else ""
-    return (f'<div class="sae-view" id="{view_id}"><style>{CSS}</style>{head}'
-            f'<div class="sae-bar"><label>shade by <select>{options}</select></label>'
-            f'<span class="sae-hover">hover a token for its value</span></div>'
-            + "".join(rows) + "</div>" + _script(view_id, labels, maxes))
+    return _view(view_id, title, f"<label>shade by <select>{options}</select></label>", "".join(rows),
+                 labels, maxes)
 
 
 def _card(c: Card) -> str:
@@ -143,24 +148,17 @@ def _card(c: Card) -> str:
 
 def cards_view(cards: Sequence[Card], *, view_id: str, title: str = "") -> str:
     """A grid of latent cards; hovering a context token shows its activation of the latent."""
-    _check_id(view_id)
-    head = f"<h3>{html.escape(title)}</h3>" if title else ""
-    return (f'<div class="sae-view" id="{view_id}"><style>{CSS}</style>{head}'
-            f'<div class="sae-bar"><span class="sae-hover">hover a token for its activation</span></div>'
-            f'<div class="sae-cards">{"".join(_card(c) for c in cards)}</div></div>'
-            + _script(view_id, ["activation"], [0.0]))
+    return _view(view_id, title, "", f'<div class="sae-cards">{"".join(_card(c) for c in cards)}</div>',
+                 ["activation"], [0.0])
 
 
 def side_by_side(cards: dict[str, Sequence[Card]], *, view_id: str, title: str = "") -> str:
     """The cards of several SAEs in one column each (name -> cards), for the same number of latents."""
-    _check_id(view_id)
-    head = f"<h3>{html.escape(title)}</h3>" if title else ""
     cols = "".join(f'<div><h3>{html.escape(name)}</h3>{"".join(_card(c) for c in cs)}</div>'
                    for name, cs in cards.items())
-    return (f'<div class="sae-view" id="{view_id}"><style>{CSS}</style>{head}'
-            f'<div class="sae-bar"><span class="sae-hover">hover a token for its activation</span></div>'
-            f'<div class="sae-cols" style="grid-template-columns:repeat({len(cards)},minmax(240px,1fr))">'
-            f"{cols}</div></div>" + _script(view_id, ["activation"], [0.0]))
+    grid = f"grid-template-columns:repeat({len(cards)},minmax(240px,1fr))"
+    return _view(view_id, title, "", f'<div class="sae-cols" style="{grid}">{cols}</div>',
+                 ["activation"], [0.0])
 
 
 def page(fragment: str, title: str) -> str:

@@ -68,12 +68,8 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
         data_id += f"|heldout:{tensor_digest(heldout)}"
     key = sae_key(data_id, hook, cfg, init[1] if init else None)
     root = cache_dir() / "saes" / key
-    if root.exists():
-        problem = folder_problem(root)
-        if problem is None:
-            return load(root).to(cfg.device), pd.read_csv(root / "history.csv"), key
-        warnings.warn(f"trained SAE {key}: {problem}; retraining it")
-        shutil.rmtree(root)
+    if (hit := _cached(root, key)) is not None:
+        return hit[0].to(cfg.device), hit[1], key
     ckpt = cache_dir() / "checkpoints" / key
     if cfg.checkpoint_every is None:  # long runs resume after a kill
         cfg = replace(cfg, checkpoint_every=100)
@@ -104,18 +100,27 @@ def trained_jumprelu(store: ActivationStore, cfg: JumpReLUConfig, *, hook: str |
     key = hash_inputs({"format": FORMAT_VERSION, "kind": "jumprelu", "store": data_id, "hook": hook,
                        "cfg": config_dict(cfg)})
     root = cache_dir() / "saes" / key
-    if root.exists():
-        problem = folder_problem(root)
-        if problem is None:
-            return load(root), pd.read_csv(root / "history.csv"), key
-        warnings.warn(f"trained JumpReLU SAE {key}: {problem}; retraining it")
-        shutil.rmtree(root)
+    if (hit := _cached(root, key)) is not None:
+        return hit[0], hit[1], key
     sae, history = train_jumprelu(store.load(hook).float(), cfg, heldout=heldout, progress=progress)
     with atomic_path(root) as tmp:
         save(sae, tmp)
         history.to_csv(tmp / "history.csv", index=False)
         write_checksums(tmp)
     return sae, history, key
+
+
+def _cached(root: Path, key: str) -> tuple[SparseAutoencoder, pd.DataFrame] | None:
+    """(sae, history) of the finished SAE in `root` if its checksums hold; a damaged one is
+    removed with a warning (the caller retrains it); None when there is none."""
+    if not root.exists():
+        return None
+    problem = folder_problem(root)
+    if problem is None:
+        return load(root), pd.read_csv(root / "history.csv")
+    warnings.warn(f"trained SAE {key}: {problem}; retraining it")
+    shutil.rmtree(root)
+    return None
 
 
 def _save_rung(folder: Path, sae: SparseAutoencoder, row: dict[str, Any]) -> None:
