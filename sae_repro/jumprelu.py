@@ -62,7 +62,7 @@ from sae_repro.train import (
 
 
 def rectangle(u: Tensor) -> Tensor:
-    """K(u) = 1 where |u| < 1/2, else 0."""
+    """K(u) = 1 where abs(u) < 1/2, else 0."""
     return (u.abs() < 0.5).to(u.dtype)
 
 
