@@ -174,7 +174,8 @@ def train_jumprelu(x: Tensor, cfg: JumpReLUConfig, *, heldout: Tensor | None = N
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, log_theta]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
     lam, rows, t0 = cfg.l0_coef, [], time.perf_counter()
-    heldout_every = max(1, total // cfg.heldout_points)
+    # on the logging grid, so every held-out row also carries the logged training metrics
+    heldout_every = cfg.log_every * max(1, round(total / cfg.heldout_points / cfg.log_every))
     step, epoch = 0, 0
     while step < total:
         order = _permutation(n, cfg.seed, epoch)

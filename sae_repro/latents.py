@@ -28,7 +28,7 @@ from scipy import stats
 from torch import Tensor
 
 from sae_repro.intervals import CONFIDENCE, N_RESAMPLES
-from sae_repro.sae import SparseAutoencoder
+from sae_repro.sae import BATCH_RULES, SparseAutoencoder
 from sae_repro.train import _eval_batches
 
 
@@ -121,6 +121,10 @@ def window_activations(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None, 
                        window: int = 8) -> dict[int, dict[int, float]]:
     """latent -> {token index: activation} over the windows around each latent's top
     `n_examples` tokens (in eval mode; the windows are encoded together as one batch)."""
+    if sae.cfg.rule in BATCH_RULES and sae.cfg.inference != "threshold":
+        raise ValueError(f"window_activations: sae.cfg.inference={sae.cfg.inference!r} makes a batch "
+                         "rule's codes depend on the batch, so a window would not see the full pass's "
+                         "activations; allowed: 'threshold'")
     where = _token_index(context, position)
     need: set[int] = set()
     for lat in latents.tolist():

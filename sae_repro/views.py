@@ -84,9 +84,14 @@ def _tok(token: str, values: Sequence[float], vmax: float, *, at: bool = False,
             f'style="{_alpha(values[0], vmax)}">{_text(token)}</span>')
 
 
+def _js(value: object) -> str:
+    """JSON safe inside <script>: a label holding "</script>" must not end the element."""
+    return json.dumps(value).replace("<", "\\u003c")
+
+
 def _script(view_id: str, labels: list[str], maxes: list[float]) -> str:
-    return "<script>" + SCRIPT % {"id": json.dumps(view_id), "labels": json.dumps(labels),
-                                   "maxes": json.dumps([m if math.isfinite(m) else 0 for m in maxes])} + "</script>"
+    return "<script>" + SCRIPT % {"id": _js(view_id), "labels": _js(labels),
+                                   "maxes": _js([m if math.isfinite(m) else 0 for m in maxes])} + "</script>"
 
 
 def _check_id(view_id: str) -> None:

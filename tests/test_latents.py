@@ -108,3 +108,11 @@ def test_random_concentration():
     assert distinct == pytest.approx(0.1)  # all different: 1 / n_top
     with pytest.raises(ValueError, match="n_top"):
         L.random_concentration(torch.arange(5), 6)
+
+
+def test_windows_refuse_a_batch_rule_whose_codes_depend_on_the_batch():
+    x, context, position = _data()
+    sae = SparseAutoencoder(SAEConfig(d_in=4, n_latents=6, k=1, rule="mutual_choice", inference="batch"), seed=0)
+    act = L.activity(sae, x, n_top=3)
+    with pytest.raises(ValueError, match="inference='batch'.*allowed: 'threshold'"):
+        L.window_activations(sae, x, None, torch.tensor([0]), act, context, position)

@@ -319,12 +319,14 @@ def test_a_killed_run_publishes_nothing_and_the_next_run_reruns(sandbox):
     does not skip the notebook."""
     import os
     import signal
+    import subprocess
     import time
 
     _notebook(sandbox / "notebooks" / "gamma.ipynb",
               'profile = "default"\ngamma_n = 1\ngamma_sleep = 0.0\nmarker = ""', _GAMMA)
     first = _cli()
-    assert first.wait(timeout=300) == 0, first.stdout.read()
+    first_out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, first_out
     manifest_path = sandbox / "figures" / "manifest.json"
     before = json.loads(manifest_path.read_text())
     png = (sandbox / "figures" / "gamma-1.png").read_bytes()
@@ -336,14 +338,17 @@ def test_a_killed_run_publishes_nothing_and_the_next_run_reruns(sandbox):
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "slow"
             time.sleep(0.2)
         os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
+        try:  # communicate, not wait: a full stdout pipe would block the run from exiting
+            out = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{sig.name}: still running 60 s later; it wrote:\n{proc.communicate()[0]}")
         after = json.loads(manifest_path.read_text())
         for fig_id in ("gamma-1", "gamma-2"):  # as the last successful run left them
             assert after[fig_id]["params"] == {"gamma_n": 1} and not after[fig_id]["stale"], sig
             assert after[fig_id]["run_key"] == before[fig_id]["run_key"]
         assert (sandbox / "figures" / "gamma-1.png").read_bytes() == png
         if sig == signal.SIGINT:
-            out = proc.stdout.read()
             assert "interrupted" in out and "Traceback" not in out, out
     again = _cli()
     out = again.communicate(timeout=300)[0]

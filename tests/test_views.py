@@ -49,3 +49,9 @@ def test_cards_outline_the_activating_token_and_list_logits():
     assert "repeat(2," in both and both.count('class="sae-card"') == 2
     doc = views.page(out, "cards")
     assert doc.startswith("<!DOCTYPE html>") and "<title>cards</title>" in doc
+
+
+def test_a_label_cannot_end_the_script_element():
+    out = views.token_view([["a"]], {"</script><b>x": [[1.0]]}, view_id="v")
+    assert out.count("</script>") == 1 and out.endswith("</script>")
+    assert "\\u003c/script>\\u003cb>x" in out  # the label itself still reaches the menu's script
