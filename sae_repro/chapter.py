@@ -27,12 +27,13 @@ from torch import Tensor
 from sae_repro.activations import ActivationStore
 from sae_repro.experiments import Setting, analysis_stores, fresh_store, gradient_stores, resid
 from sae_repro.figures import record_input, record_verdict, save_figure, save_page
+from sae_repro.jumprelu import JumpReLUConfig
 from sae_repro.precision import resolve_bf16
 from sae_repro.profiles import PARAMETERS
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.train import TrainConfig, training_summary
 from sae_repro.verdicts import Verdict
-from sae_repro.zoo import ladder, trained_sae
+from sae_repro.zoo import ladder, trained_jumprelu, trained_sae
 
 HELDOUT_TOKENS = 4096  # an SAE's held-out FVU curve: paired over time, so 32 contexts suffice
 # store kind -> the parameters that size its SAEs' training (batch size, epochs)
@@ -156,6 +157,20 @@ class Chapter:
         another expansion, one of the Dark Matter width sweep: trained for `main_epochs`, the
         budget the evidence needs converged (`sae_epochs` is every other SAE's)."""
         return self.sae("topk", self["main_k"], expansion, epochs=self["main_epochs"])
+
+    def jumprelu(self, expansion: int | None = None, **kw: Any) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
+        """The JumpReLU SAE (`sae_repro.jumprelu`) at `expansion` (default main_expansion) on the
+        chapter's hook, aimed at L0 = main_k and trained as long as the main SAE (`main_epochs`,
+        same batch size and lr), so it is compared with TopK at equal L0 and budget
+        -> (sae, history, key); `kw` changes a `JumpReLUConfig` field on purpose."""
+        if self._kind is None:
+            raise ValueError(f"{self.name}: open the chapter's stores before asking for an SAE")
+        batch, _ = _TRAINING[self._kind]
+        base = {"expansion": self["main_expansion"] if expansion is None else expansion,
+                "target_l0": float(self["main_k"]), "batch_size": self[batch], "epochs": self["main_epochs"],
+                "lr": self["sae_lr"], "seed": self["seed"]}
+        return trained_jumprelu(self.stores["train"], JumpReLUConfig(**(base | kw)), hook=self.hook,
+                                heldout=self.heldout(self.hook))
 
     def ladder(self, key: str) -> list[tuple[dict[str, Any], SparseAutoencoder]]:
         """The budget ladder of the SAE `key` (`zoo.ladder`): (row, sae) per rung by steps, the

@@ -14,12 +14,21 @@ kernel K(u) = 1[|u| < 1/2] of bandwidth eps (the paper's eqs. 11-12, as in SAELe
 
 These are the exact derivatives of the objective with H replaced by its kernel-smoothed version
 (a linear ramp of width eps) in the L0 term, and to first order in eps in the reconstruction term
-(tests/test_jumprelu.py checks both against finite differences).
+(tests/test_jumprelu.py checks both against finite differences). Training applies them sparsely
+(`sparse_step`): only the active pairs (z > theta) and the band pairs (abs(z - theta) < eps / 2) carry
+gradients, so the encoder matmul is a step's one dense product, as for TopK (`kernels`); the test
+file checks that its gradients equal the dense functions'. 3.9x faster than dense autograd on the
+default store (8x, batch 1024, 2 AVX2 cores).
 
 Choices, each with its source:
-- Thresholds are trained as log(theta) (the paper and Gemma Scope; positivity for free). SAELens
-  trains theta directly because Adam moves a log parameter multiplicatively, which barely moves a
-  small initial threshold at a small learning rate; we start theta where it matters instead (next).
+- Thresholds are trained as log(theta) (the paper and Gemma Scope; positivity for free), with
+  `threshold_lr_scale` (10) times the learning rate of the other parameters (ours). Adam moves a
+  parameter by at most about its lr per step, so at lr 3e-3 a log-threshold moves by <= 0.3% a
+  step: over our ~10^3 steps (Gemma Scope: ~10^5) the thresholds could not follow the encoder,
+  whose pre-activations shrink early in training, and L0 fell to a third of its target (10.8 for
+  a target of 32 on the default store; 34.6 with the 10x lr, held-out FVU 0.248 -> 0.185).
+  SAELens trains theta directly for the same reason (its issue #494); we keep the log and start
+  theta where it matters instead (next).
 - Initial thresholds: one value for every latent, the quantile of the initial pre-activations on a
   data sample at which the mean L0 is `init_l0` (default: the target). Ours: the paper starts at
   0.001 on data scaled to E||x||^2 = d and relies on ~10^5 steps to move; we train ~10^3.
@@ -49,6 +58,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from sae_repro.kernels import flat_layout, sparse_decode
 from sae_repro.metrics import fvu
 from sae_repro.sae import SAEConfig, SparseAutoencoder
 from sae_repro.train import (
@@ -98,6 +108,42 @@ class JumpReLU(torch.autograd.Function):
         return (z > theta).to(z.dtype) * grad, g_theta.sum(0), None
 
 
+class _Band(torch.autograd.Function):
+    """Zeros [P] at the band pairs p = (token, latent l) with abs(z - theta_l) < eps / 2, whose
+    backward is the estimators' threshold gradient, -(scale_p / eps) * grad_p summed per latent:
+    scale = theta[l] for JumpReLU (the pairs ride on the decoder), 1 for Step (the L0 count).
+    The sparse form of `JumpReLU` / `Step`: only band pairs have a threshold gradient."""
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, idx: Tensor, eps: float, times_theta: bool) -> Tensor:
+        ctx.save_for_backward(theta, idx)
+        ctx.eps, ctx.times_theta = eps, times_theta
+        return theta.new_zeros(idx.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        theta, idx = ctx.saved_tensors
+        g = grad * (theta[idx] if ctx.times_theta else 1.0)
+        return torch.zeros_like(theta).index_add_(0, idx, g, alpha=-1.0 / ctx.eps), None, None, None
+
+
+def sparse_step(sae: SparseAutoencoder, batch: Tensor, theta: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """One forward of a JumpReLU SAE on batch [B, d] with thresholds theta [L] (differentiable)
+    -> (x_hat [B, d], L0 per token averaged [scalar]), with the gradients of `JumpReLU` and
+    `Step` (tests/test_jumprelu.py checks them equal) but touching only the active and band
+    pairs: the encoder matmul is the step's one dense product, as for TopK (`kernels`)."""
+    with torch.no_grad():
+        sae.threshold.copy_(theta)
+    codes, pre, _ = sae.encode_sparse(batch, validate=False, reuse=True)  # z at z > theta: d/dz = 1
+    with torch.no_grad():
+        _, b_idx, b_bag, b_off = flat_layout(pre, ((pre - theta).abs_() < eps / 2).view(-1).nonzero().squeeze(1),
+                                             is_sorted=True)
+    band = _Band.apply(theta, b_idx, eps, True)
+    x_hat = sae.decode(codes) + sparse_decode(band, b_idx, b_off, b_bag, sae.W_dec)
+    l0 = (codes.idx.numel() + _Band.apply(theta, b_idx, eps, False).sum()) / batch.shape[0]
+    return x_hat, l0
+
+
 @dataclass(frozen=True)
 class JumpReLUConfig:
     """How a JumpReLU SAE is trained (see the module docstring for every choice and its source)."""
@@ -120,18 +166,21 @@ class JumpReLUConfig:
     seed: int = 0
     log_every: int = 10
     heldout_points: int = 10
+    threshold_lr_scale: float = 10.0  # the log-thresholds' lr over `lr` (see the module docstring)
 
     def __post_init__(self) -> None:
         for name in ("expansion", "batch_size", "log_every", "heldout_points"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"JumpReLUConfig: {name} must be a positive int, got {name}={v!r}")
-        for name in ("l0_coef", "bandwidth", "lr", "epochs", "controller_rate"):
+        for name in ("l0_coef", "bandwidth", "lr", "epochs", "controller_rate", "threshold_lr_scale"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"JumpReLUConfig: {name} must be a finite number > 0, got {name}={v!r}")
-        if self.target_l0 is not None and not self.target_l0 > 0:
-            raise ValueError(f"JumpReLUConfig: target_l0 must be None or > 0, got {self.target_l0!r}")
+        for name in ("target_l0", "init_l0"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"JumpReLUConfig: {name} must be None or a finite number > 0, got {name}={v!r}")
         if not 0.0 <= self.l0_warmup < 1.0:
             raise ValueError(f"JumpReLUConfig: l0_warmup must be in [0, 1), got {self.l0_warmup!r}")
 
@@ -171,7 +220,8 @@ def train_jumprelu(x: Tensor, cfg: JumpReLUConfig, *, heldout: Tensor | None = N
         sae.b_dec.copy_(sample.mean(0))
     init_l0 = cfg.init_l0 or cfg.target_l0 or 4 * math.sqrt(L)
     log_theta = torch.nn.Parameter(torch.full((L,), math.log(max(_init_threshold(sae, sample, init_l0), 1e-6))))
-    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, log_theta]
+    params = [{"params": [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec], "scale": 1.0},
+              {"params": [log_theta], "scale": cfg.threshold_lr_scale}]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas)
     lam, rows, t0 = cfg.l0_coef, [], time.perf_counter()
     # on the logging grid, so every held-out row also carries the logged training metrics
@@ -184,13 +234,10 @@ def train_jumprelu(x: Tensor, cfg: JumpReLUConfig, *, heldout: Tensor | None = N
                 break
             batch = x[order[i:i + B]].float() * s
             for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, total, warm, cfg.decay_fraction)
+                g["lr"] = g["scale"] * cfg.lr * lr_factor(step, total, warm, cfg.decay_fraction)
             theta = log_theta.exp()
-            z = sae.pre_acts(batch)
-            codes = JumpReLU.apply(z, theta, cfg.bandwidth)
-            x_hat = codes @ sae.W_dec + sae.b_dec
+            x_hat, l0 = sparse_step(sae, batch, theta, cfg.bandwidth)
             recon = (batch - x_hat).pow(2).sum(1).mean() / var
-            l0 = Step.apply(z, theta, cfg.bandwidth).sum(1).mean()
             ramp = min(1.0, step / (cfg.l0_warmup * total)) if cfg.l0_warmup > 0 else 1.0
             loss = recon + ramp * lam * l0
             opt.zero_grad(set_to_none=True)

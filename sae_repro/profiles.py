@@ -53,6 +53,7 @@ CI: dict[str, Any] = {
     "ce_n_contexts": 4,
     "dm_ce_n_contexts": 4,
     "dm_expansions": [2, 4, 8],
+    "jr_expansions": [2, 4, 8],
     "dm_ks": [4, 8],
     "dm_layer_expansions": [2, 8],
     "dm_error_ks": [4, 8],
@@ -108,6 +109,7 @@ QUICK: dict[str, Any] = {
     "ce_n_contexts": 8,
     "dm_ce_n_contexts": 16,
     "dm_expansions": [2, 4, 8],
+    "jr_expansions": [2, 4, 8],
     "dm_ks": [16, 32],
     "dm_layer_expansions": [2, 8],
     "dm_error_ks": [16, 32],
@@ -204,6 +206,8 @@ DEFAULT: dict[str, Any] = {
     # Dark Matter: width sweep (expansion factors of d_model; main_expansion among them) at
     # several k (main_k among them), at sae_layer
     "dm_expansions": [2, 4, 8, 16, 32],
+    # JumpReLU SAEs beside TopK (dark_matter_jumprelu): widths, at target L0 main_k
+    "jr_expansions": [2, 4, 8, 16, 32],
     "dm_ks": [16, 32, 64],
     # the same headline numbers at every layer of `layers`, on fewer widths (default: up to 16x,
     # an 8x span; 32x at two more layers cost ~5 min of the 60-min budget on 2 AVX2 cores)
@@ -280,6 +284,7 @@ FULL: dict[str, Any] = {
     "ce_n_contexts": 128,
     "dm_ce_n_contexts": 256,
     "dm_expansions": [4, 8, 16, 32, 64],
+    "jr_expansions": [4, 8, 16, 32, 64],
     "dm_ks": [16, 32, 64],
     "dm_layer_expansions": [4, 16, 64],
     "dm_error_ks": [8, 16, 32, 64],
@@ -359,6 +364,7 @@ RULES: dict[str, Rule] = {
     "ce_n_contexts": Rule(min=1),
     "dm_ce_n_contexts": Rule(min=2),
     "dm_expansions": Rule(min=1),
+    "jr_expansions": Rule(min=1),
     "dm_ks": Rule(min=1),
     "dm_layer_expansions": Rule(min=1),
     "dm_error_ks": Rule(min=1),
@@ -429,6 +435,8 @@ def _type_ok(value: Any, default: Any) -> bool:
 # rules whose parameters it all reads, so chapters that share SAEs ask for the same ones.
 _JOINT: list[tuple[tuple[str, ...], Any, str]] = [
     (("main_expansion", "dm_expansions"), lambda e, es: e in es, "main_expansion must be one of dm_expansions"),
+    (("main_expansion", "jr_expansions"), lambda e, es: e in es and len(set(es)) >= 2,
+     "jr_expansions must hold main_expansion and at least one other width"),
     (("main_k", "dm_ks"), lambda k, ks: k in ks, "main_k must be one of dm_ks"),
     (("main_k", "mc_ks"), lambda k, ks: k in ks, "main_k must be one of mc_ks"),
     (("main_k", "gsae_ks"), lambda k, ks: k in ks, "main_k must be one of gsae_ks"),
@@ -465,6 +473,7 @@ _K_WIDTHS: list[tuple[str, Any]] = [
     ("main_k", lambda p: [p["main_expansion"]]),
     ("dm_ks", lambda p: p["dm_expansions"]),
     ("main_k", lambda p: p["dm_layer_expansions"]),
+    ("main_k", lambda p: p["jr_expansions"]),  # the JumpReLU SAEs' target L0
     ("mc_ks", lambda p: [p["main_expansion"]]),
     ("gsae_ks", lambda p: [p["main_expansion"]]),
     ("dm_error_ks", lambda p: [max(1, p["main_expansion"] // 2)]),  # dark_matter_downstream's

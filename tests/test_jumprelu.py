@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from sae_repro import saelens
-from sae_repro.jumprelu import JumpReLU, JumpReLUConfig, Step, train_jumprelu
+from sae_repro.jumprelu import JumpReLU, JumpReLUConfig, Step, sparse_step, train_jumprelu
+from sae_repro.sae import SAEConfig, SparseAutoencoder
 
 EPS = 0.1
 
@@ -52,6 +53,34 @@ def test_jumprelu_threshold_gradient_matches_the_smoothed_output_to_first_order(
     want = _fd(lambda th: (z * _ramp(z, th)).sum(), theta)
     assert torch.allclose(t.grad, want, rtol=EPS / 2 / float(theta.min()), atol=1e-9)
     assert torch.equal(zz.grad, (z > theta).double())  # z's gradient passes where the latent is kept
+
+
+def test_the_sparse_step_has_the_dense_estimators_gradients():
+    """sparse_step (active and band pairs only) against the dense JumpReLU / Step functions: the
+    same x_hat, L0 and gradients of every parameter and of the thresholds."""
+    g = torch.Generator().manual_seed(0)
+    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=24, rule="jumprelu", k=4), seed=0)
+    x = torch.randn(64, 8, generator=g)
+    log_theta = torch.full((24,), -0.6).add_(0.3 * torch.randn(24, generator=g)).requires_grad_(True)
+    eps, lam = 0.3, 0.05
+
+    def loss(sparse: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        theta = log_theta.exp()
+        if sparse:
+            x_hat, l0 = sparse_step(sae, x, theta, eps)
+        else:
+            z = sae.pre_acts(x)
+            x_hat = JumpReLU.apply(z, theta, eps) @ sae.W_dec + sae.b_dec
+            l0 = Step.apply(z, theta, eps).sum(1).mean()
+        out = (x - x_hat).pow(2).sum(1).mean() + lam * l0
+        params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, log_theta]
+        return out, l0, torch.autograd.grad(out, params)
+
+    (l_s, l0_s, g_s), (l_d, l0_d, g_d) = loss(True), loss(False)
+    assert torch.allclose(l_s, l_d, atol=1e-5) and float(l0_s.detach()) == pytest.approx(float(l0_d.detach()))
+    for a, b in zip(g_s, g_d):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert (g_d[-1] != 0).sum() > 12  # most thresholds have band pairs in this case
 
 
 def _sparse_signal(n=8192, d=32, n_features=96, active=4, seed=0):
