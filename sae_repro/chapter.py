@@ -160,14 +160,16 @@ class Chapter:
 
     def jumprelu(self, expansion: int | None = None, **kw: Any) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
         """The JumpReLU SAE (`sae_repro.jumprelu`) at `expansion` (default main_expansion) on the
-        chapter's hook, aimed at L0 = main_k and trained as long as the main SAE (`main_epochs`,
-        same batch size and lr), so it is compared with TopK at equal L0 and budget
-        -> (sae, history, key); `kw` changes a `JumpReLUConfig` field on purpose."""
+        chapter's hook, aimed at L0 = main_k with the batch size, lr and budget of the TopK SAEs
+        it is compared with (on analysis stores `main_epochs`, the width sweep's; on gradient
+        stores `zoo_epochs`, the zoo's) -> (sae, history, key); `kw` changes a `JumpReLUConfig`
+        field on purpose (e.g. another seed)."""
         if self._kind is None:
             raise ValueError(f"{self.name}: open the chapter's stores before asking for an SAE")
-        batch, _ = _TRAINING[self._kind]
+        batch, epochs = _TRAINING[self._kind]
         base = {"expansion": self["main_expansion"] if expansion is None else expansion,
-                "target_l0": float(self["main_k"]), "batch_size": self[batch], "epochs": self["main_epochs"],
+                "target_l0": float(self["main_k"]), "batch_size": self[batch],
+                "epochs": self["main_epochs" if self._kind == "analysis" else epochs],
                 "lr": self["sae_lr"], "seed": self["seed"]}
         return trained_jumprelu(self.stores["train"], JumpReLUConfig(**(base | kw)), hook=self.hook,
                                 heldout=self.heldout(self.hook))
