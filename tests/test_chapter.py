@@ -157,3 +157,23 @@ def test_present_puts_prose_first_and_folds_code():
     assert kinds[5] == ("code", ["hide-input"]) and shown["cells"][5]["outputs"] == nb["cells"][3]["outputs"]
     assert book.present(shown, "nb_one", "ci", found) == shown  # presenting twice changes nothing
     assert nb["cells"][3]["metadata"] == {}  # the input is not modified
+
+
+def test_jumprelu_saes_take_the_budget_of_the_topk_saes_they_are_compared_with(monkeypatch):
+    import sae_repro.chapter as chapter_module
+
+    seen = []
+    monkeypatch.setattr(chapter_module, "trained_jumprelu", lambda store, cfg, **kw: seen.append(cfg))
+    p = profile("ci")
+    analysis, gradient = (Chapter.open(n, _namespace()) for n in ("dark_matter_jumprelu", "cross_paper"))
+    with pytest.raises(ValueError, match="stores"):
+        analysis.jumprelu()
+    for ch, kind in ((analysis, "analysis"), (gradient, "gradient")):
+        ch._kind, ch.stores = kind, {"train": None}  # what _opened sets (without reading stores)
+        ch._heldout[ch.hook] = None  # what heldout() would read from the test store
+    analysis.jumprelu(2)
+    gradient.jumprelu(seed=3)
+    a, g = seen
+    assert (a.expansion, a.target_l0, a.batch_size, a.epochs) == (2, p["main_k"], p["sae_batch_size"], p["main_epochs"])
+    assert (g.expansion, g.batch_size, g.epochs, g.seed) == (p["main_expansion"], p["zoo_batch_size"], p["zoo_epochs"], 3)
+    assert a.lr == g.lr == p["sae_lr"]
