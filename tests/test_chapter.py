@@ -175,5 +175,6 @@ def test_jumprelu_saes_take_the_budget_of_the_topk_saes_they_are_compared_with(m
     gradient.jumprelu(seed=3)
     a, g = seen
     assert (a.expansion, a.target_l0, a.batch_size, a.epochs) == (2, p["main_k"], p["sae_batch_size"], p["main_epochs"])
-    assert (g.expansion, g.batch_size, g.epochs, g.seed) == (p["main_expansion"], p["zoo_batch_size"], p["zoo_epochs"], 3)
+    want = (p["main_expansion"], p["zoo_batch_size"], p["zoo_epochs"], 3)
+    assert (g.expansion, g.batch_size, g.epochs, g.seed) == want
     assert a.lr == g.lr == p["sae_lr"]
