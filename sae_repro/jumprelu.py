@@ -26,7 +26,8 @@ Choices, each with its source:
   parameter by at most about its lr per step, so at lr 3e-3 a log-threshold moves by <= 0.3% a
   step: over our ~10^3 steps (Gemma Scope: ~10^5) the thresholds could not follow the encoder,
   whose pre-activations shrink early in training, and L0 fell to a third of its target (10.8 for
-  a target of 32 on the default store; 34.6 with the 10x lr, held-out FVU 0.248 -> 0.185).
+  a target of 32 on bench_jumprelu.py's store with the dense step; with the 10x lr 34.6, held-out
+  FVU 0.248 -> 0.185; with the sparse step, same settings, 34.8 and 0.184: bench/README.md).
   SAELens trains theta directly for the same reason (its issue #494); we keep the log and start
   theta where it matters instead (next).
 - Initial thresholds: one value for every latent, the quantile of the initial pre-activations on a

@@ -437,6 +437,8 @@ _JOINT: list[tuple[tuple[str, ...], Any, str]] = [
     (("main_expansion", "dm_expansions"), lambda e, es: e in es, "main_expansion must be one of dm_expansions"),
     (("main_expansion", "jr_expansions"), lambda e, es: e in es and len(set(es)) >= 2,
      "jr_expansions must hold main_expansion and at least one other width"),
+    (("jr_expansions", "dm_expansions"), lambda j, d: set(j) <= set(d),
+     "jr_expansions must be among dm_expansions (its TopK SAEs are the width sweep's)"),
     (("main_k", "dm_ks"), lambda k, ks: k in ks, "main_k must be one of dm_ks"),
     (("main_k", "mc_ks"), lambda k, ks: k in ks, "main_k must be one of mc_ks"),
     (("main_k", "gsae_ks"), lambda k, ks: k in ks, "main_k must be one of gsae_ks"),

@@ -12,6 +12,7 @@ A NaN never counts as meeting a criterion; medians leave NaNs out (as pandas' do
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -27,6 +28,7 @@ VECTOR_TOLERANCE = 0.2  # |R^2 - 0.5| within this counts as "about half"
 NORM_R2 = 0.9  # "more than 90% of the error norm is linearly predictable"
 NORM_R2_PARTLY = 0.7
 FLAT_SHARE = 0.5  # "flat": the nonlinear FVU moves by at most this share of the FVU's fall
+L0_MATCH = 0.1  # ours: SAEs compared "at fixed L0" have mean L0s within this share of the target
 SAME_TOKENS_R2 = 0.7  # ours (the paper gives no number): per-token error norms predicted across widths
 SAME_TOKENS_R2_PARTLY = 0.4
 NONLINEAR_HELPS_SHARE = 0.05  # ours: share of the rest that ||NonlinearError_i|| removes, at the median
@@ -168,6 +170,22 @@ def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float],
     verdict, note, ci = _graded(grade, flat_ratio(fvu, nonlinear_fvu), interval,
                                 (-1.0, -FLAT_SHARE, FLAT_SHARE, 1.0))
     return Verdict(verdict, why, note, ci)
+
+
+def at_fixed_l0(verdict: Verdict, l0: Sequence[float], target: float) -> Verdict:
+    """A width-sweep verdict whose premise is a fixed L0 (the paper's sweeps), for SAEs whose L0
+    is aimed at `target` but not fixed (JumpReLU): kept where every mean L0 is within L0_MATCH of
+    the target, otherwise inconclusive (width and L0 then change together), saying which."""
+    values = _floats(l0, "l0")
+    if not (math.isfinite(target) and target > 0):
+        raise ValueError(f"at_fixed_l0: target must be a finite number > 0, got {target!r}")
+    off = np.abs(values / target - 1.0)
+    if (off <= L0_MATCH + 1e-12).all():  # the boundary counts as matched (float rounding aside)
+        return verdict
+    said = (f"L0 {values.min():.1f}..{values.max():.1f} across the sweep, more than "
+            f"{100 * L0_MATCH:.0f}% from the target {target:g}: width and L0 change together")
+    return replace(verdict, verdict="inconclusive", why=verdict.why + f"; and L0 within {100 * L0_MATCH:.0f}% "
+                   "of the target at every width", note="; ".join(n for n in (verdict.note, said) if n))
 
 
 def vector_half(main_r2: float, sweep_r2: Sequence[float],

@@ -55,31 +55,41 @@ def test_jumprelu_threshold_gradient_matches_the_smoothed_output_to_first_order(
     assert torch.equal(zz.grad, (z > theta).double())  # z's gradient passes where the latent is kept
 
 
-def test_the_sparse_step_has_the_dense_estimators_gradients():
+@pytest.mark.parametrize("b_dec_in", [True, False])
+def test_the_sparse_step_has_the_dense_estimators_gradients(b_dec_in):
     """sparse_step (active and band pairs only) against the dense JumpReLU / Step functions: the
-    same x_hat, L0 and gradients of every parameter and of the thresholds."""
+    same x_hat, L0 and gradients of every parameter and of the thresholds (up to rounding), with
+    non-zero biases, with and without b_dec subtracted from the input, and with a second step
+    run before the first's backward (sparse_step reuses the pre-activation buffer)."""
     g = torch.Generator().manual_seed(0)
-    sae = SparseAutoencoder(SAEConfig(d_in=8, n_latents=24, rule="jumprelu", k=4), seed=0)
-    x = torch.randn(64, 8, generator=g)
+    cfg = SAEConfig(d_in=8, n_latents=24, rule="jumprelu", k=4, apply_b_dec_to_input=b_dec_in)
+    sae = SparseAutoencoder(cfg, seed=0)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.2 * torch.randn(24, generator=g))
+        sae.b_dec.copy_(0.5 * torch.randn(8, generator=g))
+    x, x_other = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
     log_theta = torch.full((24,), -0.6).add_(0.3 * torch.randn(24, generator=g)).requires_grad_(True)
     eps, lam = 0.3, 0.05
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, log_theta]
 
-    def loss(sparse: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        theta = log_theta.exp()
-        if sparse:
-            x_hat, l0 = sparse_step(sae, x, theta, eps)
-        else:
-            z = sae.pre_acts(x)
-            x_hat = JumpReLU.apply(z, theta, eps) @ sae.W_dec + sae.b_dec
-            l0 = Step.apply(z, theta, eps).sum(1).mean()
-        out = (x - x_hat).pow(2).sum(1).mean() + lam * l0
-        params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, log_theta]
-        return out, l0, torch.autograd.grad(out, params)
+    def objective(x_hat, l0):
+        return (x - x_hat).pow(2).sum(1).mean() + lam * l0
 
-    (l_s, l0_s, g_s), (l_d, l0_d, g_d) = loss(True), loss(False)
-    assert torch.allclose(l_s, l_d, atol=1e-5) and float(l0_s.detach()) == pytest.approx(float(l0_d.detach()))
-    for a, b in zip(g_s, g_d):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    theta = log_theta.exp()
+    x_hat_s, l0_s = sparse_step(sae, x, theta, eps)
+    sparse_step(sae, x_other, theta, eps)  # overwrites the buffer the first step's pre lived in
+    g_s = torch.autograd.grad(objective(x_hat_s, l0_s), params)
+    theta = log_theta.exp()  # a fresh graph for the dense pass
+    z = sae.pre_acts(x)
+    x_hat_d = JumpReLU.apply(z, theta, eps) @ sae.W_dec + sae.b_dec
+    l0_d = Step.apply(z, theta, eps).sum(1).mean()
+    g_d = torch.autograd.grad(objective(x_hat_d, l0_d), params)
+    assert torch.allclose(x_hat_s, x_hat_d, atol=1e-5) and float(l0_s.detach()) == pytest.approx(float(l0_d.detach()))
+    for name, a, b in zip(["W_enc", "b_enc", "W_dec", "b_dec", "log_theta"], g_s, g_d):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), name
+        assert b.abs().max() > 0, name  # every gradient is exercised
+    band = ((z - theta).abs() < eps / 2).detach()
+    assert (band & (z > theta)).sum() > 20 and (band & (z <= theta)).sum() > 20  # both sides of theta
     assert (g_d[-1] != 0).sum() > 12  # most thresholds have band pairs in this case
 
 

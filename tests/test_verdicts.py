@@ -413,3 +413,17 @@ def test_gsae_interpretable(diff, ci, want):
     v = V.gsae_interpretable(diff, ci)
     assert _v(v) == want
     assert v.interval == ci or want == "inconclusive"
+
+
+@pytest.mark.parametrize("l0, want", [
+    ([32.0, 35.2, 28.8], "reproduced"),       # within 10% (35.2 and 28.8 on the boundary)
+    ([32.0, 35.3], "inconclusive"),           # just past it above
+    ([28.7, 32.0], "inconclusive"),           # and below
+])
+def test_a_fixed_l0_premise_holds_only_within_the_match(l0, want):
+    v = V.at_fixed_l0(V.nonlinear_flat([0.4, 0.2], [0.10, 0.10]), l0, 32.0)
+    assert _v(v) == want
+    assert ("width and L0 change together" in v.note) == (want == "inconclusive")
+    assert V.at_fixed_l0(V.nonlinear_flat([0.4, 0.4], [0.1, 0.1]), [20.0], 32.0).verdict == "inconclusive"
+    with pytest.raises(ValueError, match="target"):
+        V.at_fixed_l0(V.nonlinear_flat([0.4, 0.2], [0.1, 0.1]), [32.0], 0.0)
