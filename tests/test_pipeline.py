@@ -356,3 +356,19 @@ def test_a_killed_run_publishes_nothing_and_the_next_run_reruns(sandbox):
     assert "running over TCP" not in out  # the kernel's own warnings go to its log
     assert not list((sandbox / "executed").glob(".tmp-*"))  # the killed run's leftovers are gone
     assert not (sandbox / "figures" / ".staging" / "gamma").exists()
+
+
+def test_the_book_says_which_figures_an_earlier_notebook_or_source_made(sandbox, monkeypatch):
+    from sae_repro import book
+
+    pipeline.run("ci", only=["alpha"])
+    entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
+    assert book.figure_status(entry) == "current"
+    assert "current" in book.figures_list()
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    assert "computing source" in book.figure_status(entry)
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    nb = sandbox / "notebooks" / "alpha.ipynb"
+    nb.write_text(nb.read_text().replace("alpha_n = 3", "alpha_n = 3  # edited"))
+    assert "earlier version of its notebook" in book.figure_status(entry)
+    assert "stale" in book.figure_status(entry | {"stale": True})  # a failed last run says so first
