@@ -162,32 +162,33 @@ def runs_table() -> str:
     return head + "\n".join(rows) + "\n\n" + notes + "\n"
 
 
-def figure_status(entry: dict) -> str:
+def figure_status(entry: dict, source: str | None = None) -> str:
     """How a manifest entry stands against this checkout: "current", or why it is not (its
     notebook's last run failed; its notebook or the package's computing source changed since it
-    was made, so `sae-repro run` would remake it)."""
+    was made, so `sae-repro run` would remake it). source: "version+source hash" of this checkout
+    (computed here if not given; a caller listing many figures computes it once)."""
     if entry.get("stale"):
         return "**stale**: its notebook's last run failed"
     inputs = entry.get("inputs") or {}
     path = pipeline.notebooks_dir() / f"{entry['notebook']}.ipynb"
-    now = hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-    if inputs.get("notebook") not in (None, now):
+    if inputs.get("notebook") not in (None, pipeline.notebook_hash(path) if path.exists() else None):
         return "**from an earlier version of its notebook** (a run would remake it)"
-    if inputs.get("sae_repro") not in (None, f"{sae_repro.__version__}+{pipeline.source_hash()}"):
+    source = source or f"{sae_repro.__version__}+{pipeline.source_hash()}"
+    if inputs.get("sae_repro") not in (None, source):
         return "from an earlier version of the package's computing source (a run would remake it)"
     return "current"
 
 
 def figures_list() -> str:
     """Markdown: every figure with its chapter, profile, status and the command that remakes it."""
-    items = []
+    items, source = [], f"{sae_repro.__version__}+{pipeline.source_hash()}"  # read the package once
     for p in PROFILE_NAMES:
         path = figures_dir(p) / "manifest.json"
         manifest = read_json(path)
         for fig_id, e in sorted(manifest.items()):
             if e["profile"] != p:
                 continue
-            status = figure_status(e)
+            status = figure_status(e, source)
             items.append(f"- `{fig_id}` ({{doc}}`{e['notebook']} </chapters/{e['notebook']}>`, "
                          f"profile {p}, {status}, {_when(e['time'])} UTC): "
                          f"`{e.get('command', '')}`")

@@ -212,8 +212,13 @@ def _git_now() -> dict[str, Any]:
     return {"commit": git_commit(), "dirty": git_dirty()}
 
 
+def notebook_hash(path: Path) -> str:
+    """sha256 of a notebook file: what a run is keyed by and its figures record."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _key_parts(job: Job) -> dict[str, Any]:
-    return {"notebook": hashlib.sha256(job.path.read_bytes()).hexdigest(),
+    return {"notebook": notebook_hash(job.path),
             "params": json.loads(json.dumps(job.params, default=str)),
             "version": __version__, "source": job.source or source_hash()}
 
