@@ -311,7 +311,8 @@ def present_executed() -> None:
 # The book's parts by paper: a landing page (book/PART.md) includes its part's verdicts.
 CHAPTER_PARTS = {
     "dark_matter": ("dark_matter_synthetic", "dark_matter_scaling", "dark_matter_layers",
-                    "dark_matter_downstream", "dark_matter_reducing", "dark_matter_jumprelu"),
+                    "dark_matter_downstream", "dark_matter_reducing", "dark_matter_jumprelu",
+                    "dark_matter_jumprelu_downstream"),
     "mutual_choice": ("mutual_choice",),
     "gradient_sae": ("gradient_sae", "reading_latents"),  # the latents chapter judges its interpretability claim
     "cross_paper": ("cross_paper",),

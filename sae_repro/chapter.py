@@ -158,12 +158,15 @@ class Chapter:
         budget the evidence needs converged (`sae_epochs` is every other SAE's)."""
         return self.sae("topk", self["main_k"], expansion, epochs=self["main_epochs"])
 
-    def jumprelu(self, expansion: int | None = None, **kw: Any) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
-        """The JumpReLU SAE (`sae_repro.jumprelu`) at `expansion` (default main_expansion) on the
-        chapter's hook, aimed at L0 = main_k with the batch size, lr and budget of the TopK SAEs
-        it is compared with (on analysis stores `main_epochs`, the width sweep's; on gradient
-        stores `zoo_epochs`, the zoo's) -> (sae, history, key); `kw` changes a `JumpReLUConfig`
-        field on purpose (e.g. another seed)."""
+    def jumprelu(self, expansion: int | None = None, *, hook: str | None = None, data: Tensor | None = None,
+                 data_key: str | None = None, heldout: Tensor | None = None,
+                 **kw: Any) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
+        """The JumpReLU SAE (`sae_repro.jumprelu`) at `expansion` (default main_expansion), aimed at
+        L0 = main_k with the batch size, lr and budget of the TopK SAEs it is compared with (on
+        analysis stores `main_epochs`, the width sweep's; on gradient stores `zoo_epochs`, the
+        zoo's) -> (sae, history, key); `kw` changes a `JumpReLUConfig` field on purpose (another
+        seed, target_l0, epochs). It trains on the training store at `hook` (default: the
+        chapter's hook), or on a tensor `data` [n, d] derived from the stores, as `sae` does."""
         if self._kind is None:
             raise ValueError(f"{self.name}: open the chapter's stores before asking for an SAE")
         batch, epochs = _TRAINING[self._kind]
@@ -171,8 +174,11 @@ class Chapter:
                 "target_l0": float(self["main_k"]), "batch_size": self[batch],
                 "epochs": self["main_epochs" if self._kind == "analysis" else epochs],
                 "lr": self["sae_lr"], "seed": self["seed"]}
-        return trained_jumprelu(self.stores["train"], JumpReLUConfig(**(base | kw)), hook=self.hook,
-                                heldout=self.heldout(self.hook))
+        cfg = JumpReLUConfig(**(base | kw))
+        if data is not None:
+            return trained_jumprelu(data, cfg, data_key=data_key, heldout=heldout)
+        hook = hook or self.hook
+        return trained_jumprelu(self.stores["train"], cfg, hook=hook, heldout=self.heldout(hook))
 
     def ladder(self, key: str) -> list[tuple[dict[str, Any], SparseAutoencoder]]:
         """The budget ladder of the SAE `key` (`zoo.ladder`): (row, sae) per rung by steps, the

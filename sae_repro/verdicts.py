@@ -12,7 +12,6 @@ A NaN never counts as meeting a criterion; medians leave NaNs out (as pandas' do
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -172,20 +171,26 @@ def nonlinear_flat(fvu: Sequence[float], nonlinear_fvu: Sequence[float],
     return Verdict(verdict, why, note, ci)
 
 
-def at_fixed_l0(verdict: Verdict, l0: Sequence[float], target: float) -> Verdict:
-    """A width-sweep verdict whose premise is a fixed L0 (the paper's sweeps), for SAEs whose L0
-    is aimed at `target` but not fixed (JumpReLU): kept where every mean L0 is within L0_MATCH of
-    the target, otherwise inconclusive (width and L0 then change together), saying which."""
+def at_fixed_l0(verdict: Verdict, l0: Sequence[float], target: float | Sequence[float]) -> Verdict:
+    """A verdict whose premise is a fixed L0 (the paper's sweeps at one L0, or its comparisons at
+    equal L0), for SAEs whose L0 is aimed at `target` (one for all, or one per SAE) but not fixed
+    (JumpReLU): kept where every mean L0 is within L0_MATCH of its target, otherwise
+    inconclusive (the compared SAEs then differ in L0 too), saying which."""
     values = _floats(l0, "l0")
-    if not (math.isfinite(target) and target > 0):
-        raise ValueError(f"at_fixed_l0: target must be a finite number > 0, got {target!r}")
-    off = np.abs(values / target - 1.0)
+    targets = np.broadcast_to(np.asarray(target, dtype=float), values.shape) if np.ndim(target) == 0 \
+        else _floats(target, "target")
+    if targets.shape != values.shape:
+        raise ValueError(f"at_fixed_l0: {len(targets)} targets for {len(values)} L0 values")
+    if not (np.isfinite(targets) & (targets > 0)).all():
+        raise ValueError(f"at_fixed_l0: target must be finite numbers > 0, got {target!r}")
+    off = np.abs(values / targets - 1.0)
     if (off <= L0_MATCH + 1e-12).all():  # the boundary counts as matched (float rounding aside)
         return verdict
-    said = (f"L0 {values.min():.1f}..{values.max():.1f} across the sweep, more than "
-            f"{100 * L0_MATCH:.0f}% from the target {target:g}: width and L0 change together")
+    worst = int(off.argmax())
+    said = (f"L0 {values[worst]:.1f} for the target {targets[worst]:g}, more than {100 * L0_MATCH:.0f}% off "
+            f"({int((off > L0_MATCH + 1e-12).sum())} of {len(values)} SAEs): the SAEs differ in L0 too")
     return replace(verdict, verdict="inconclusive", why=verdict.why + f"; and L0 within {100 * L0_MATCH:.0f}% "
-                   "of the target at every width", note="; ".join(n for n in (verdict.note, said) if n))
+                   "of the target for every SAE", note="; ".join(n for n in (verdict.note, said) if n))
 
 
 def vector_half(main_r2: float, sweep_r2: Sequence[float],

@@ -89,20 +89,26 @@ def trained_sae(data: ActivationStore | Tensor, cfg: TrainConfig, *, hook: str |
 RUNGS = "rungs"
 
 
-def trained_jumprelu(store: ActivationStore, cfg: JumpReLUConfig, *, hook: str | None = None,
-                     heldout: Tensor | None = None,
+def trained_jumprelu(data: ActivationStore | Tensor, cfg: JumpReLUConfig, *, hook: str | None = None,
+                     data_key: str | None = None, heldout: Tensor | None = None,
                      progress: bool = False) -> tuple[SparseAutoencoder, pd.DataFrame, str]:
     """Train (or load from the cache) a JumpReLU SAE (`jumprelu.train_jumprelu`) on
-    `store[hook]` -> (sae, history, key); cached, checksummed and written atomically like
-    `trained_sae`, keyed by the store, hook, config and the held-out tokens it follows."""
-    hook = hook if hook is not None else _only_hook(store)
-    data_id = store.root.name + (f"|heldout:{tensor_digest(heldout)}" if heldout is not None else "")
+    `store[hook]`, or on a tensor x [n, d] derived from one (keyed by its bytes and `data_key`, as
+    in `trained_sae`) -> (sae, history, key); cached, checksummed and written atomically like
+    `trained_sae`, keyed by the data, hook, config and the held-out tokens it follows."""
+    if isinstance(data, Tensor):
+        data_id = f"tensor:{tensor_digest(data)}:{data_key or ''}"
+    else:
+        hook = hook if hook is not None else _only_hook(data)
+        data_id = data.root.name
+    data_id += f"|heldout:{tensor_digest(heldout)}" if heldout is not None else ""
     key = hash_inputs({"format": FORMAT_VERSION, "kind": "jumprelu", "store": data_id, "hook": hook,
                        "cfg": config_dict(cfg)})
     root = cache_dir() / "saes" / key
     if (hit := _cached(root, key)) is not None:
         return hit[0], hit[1], key
-    sae, history = train_jumprelu(store.load(hook).float(), cfg, heldout=heldout, progress=progress)
+    x = data if isinstance(data, Tensor) else data.load(hook)
+    sae, history = train_jumprelu(x.float(), cfg, heldout=heldout, progress=progress)
     with atomic_path(root) as tmp:
         save(sae, tmp)
         history.to_csv(tmp / "history.csv", index=False)

@@ -7,6 +7,7 @@ import json
 import matplotlib.pyplot as plt  # headless: matplotlib picks the Agg backend by itself
 import pandas as pd
 import pytest
+import torch
 
 from sae_repro import verdicts
 from sae_repro.chapter import Chapter
@@ -178,3 +179,13 @@ def test_jumprelu_saes_take_the_budget_of_the_topk_saes_they_are_compared_with(m
     want = (p["main_expansion"], p["zoo_batch_size"], p["zoo_epochs"], 3)
     assert (g.expansion, g.batch_size, g.epochs, g.seed) == want
     assert a.lr == g.lr == p["sae_lr"]
+    calls = []
+    monkeypatch.setattr(chapter_module, "trained_jumprelu", lambda data, cfg, **kw: calls.append((data, cfg, kw)))
+    part, held = torch.zeros(4, 2), torch.ones(3, 2)
+    analysis.jumprelu(data=part, data_key="linear error", heldout=held, target_l0=8.0)
+    assert calls[-1][0] is part and calls[-1][2] == {"data_key": "linear error", "heldout": held}
+    assert calls[-1][1].target_l0 == 8.0 and calls[-1][1].epochs == p["main_epochs"]
+    analysis._heldout["blocks.0.hook_mlp_out"] = "mlp held-out"
+    analysis.jumprelu(hook="blocks.0.hook_mlp_out", epochs=1.0)
+    assert calls[-1][2] == {"hook": "blocks.0.hook_mlp_out", "heldout": "mlp held-out"}
+    assert calls[-1][1].epochs == 1.0

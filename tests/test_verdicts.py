@@ -423,7 +423,23 @@ def test_gsae_interpretable(diff, ci, want):
 def test_a_fixed_l0_premise_holds_only_within_the_match(l0, want):
     v = V.at_fixed_l0(V.nonlinear_flat([0.4, 0.2], [0.10, 0.10]), l0, 32.0)
     assert _v(v) == want
-    assert ("width and L0 change together" in v.note) == (want == "inconclusive")
+    assert ("the SAEs differ in L0 too" in v.note) == (want == "inconclusive")
     assert V.at_fixed_l0(V.nonlinear_flat([0.4, 0.4], [0.1, 0.1]), [20.0], 32.0).verdict == "inconclusive"
     with pytest.raises(ValueError, match="target"):
         V.at_fixed_l0(V.nonlinear_flat([0.4, 0.2], [0.1, 0.1]), [32.0], 0.0)
+
+
+@pytest.mark.parametrize("l0, want", [
+    ([8.8, 7.2, 70.4, 57.6], "reproduced"),     # each within 10% of its own target (all on the boundary)
+    ([8.9, 8.0, 64.0, 64.0], "inconclusive"),   # 8.9 for 8: just past it
+    ([8.0, 8.0, 57.5, 64.0], "inconclusive"),   # 57.5 for 64: just past it below
+    ([64.0, 64.0, 8.0, 8.0], "inconclusive"),   # matched to the wrong targets
+])
+def test_a_fixed_l0_premise_with_a_target_per_sae(l0, want):
+    v = V.at_fixed_l0(V.error_saes_worse([0.3, 0.2], [0.4, 0.3]), l0, [8.0, 8.0, 64.0, 64.0])
+    assert _v(v) == want
+    assert v.verdict == "reproduced" or "the SAEs differ in L0 too" in v.note
+    with pytest.raises(ValueError, match="2 targets for 4 L0 values"):
+        V.at_fixed_l0(v, l0, [8.0, 64.0])
+    with pytest.raises(ValueError, match="target"):
+        V.at_fixed_l0(v, l0, [8.0, 8.0, float("nan"), 64.0])

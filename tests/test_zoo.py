@@ -85,3 +85,10 @@ def test_trained_jumprelu_is_cached_checked_and_keyed_by_config(isolated_cache, 
     with pytest.warns(UserWarning, match="retraining"):
         zoo.trained_jumprelu(store, cfg, hook=HOOK)
     assert len(calls) == 3
+    x = store.load(HOOK).float()  # a tensor derived from the store: keyed by its bytes and label
+    _, _, tkey = zoo.trained_jumprelu(x, cfg, data_key="part")
+    _, _, tkey2 = zoo.trained_jumprelu(x.clone(), cfg, data_key="part")
+    assert len(calls) == 4 and tkey == tkey2 and tkey not in (key, key3)
+    _, _, tkey3 = zoo.trained_jumprelu(x, cfg, data_key="other part")
+    _, _, tkey4 = zoo.trained_jumprelu(x * 2, cfg, data_key="part")
+    assert len(calls) == 6 and len({tkey, tkey3, tkey4}) == 3
