@@ -216,6 +216,8 @@ return {hover: tok.closest(".sae-view").querySelector(".sae-hover").textContent,
     ("_static/figures/ci/latents-side-by-side.html", "#cards-side-by-side"),
     ("_static/figures/ci/latents-topk.html", "#cards-topk"),
     ("chapters/reading_latents.html", "#tokens-in-context"),  # the same views inline in the chapter
+    ("chapters/dark_matter_scaling.html", "#dm-tokens-in-context"),  # which words carry the error
+    ("chapters/mutual_choice.html", "#mc-tokens-in-context"),  # which tokens get more latents
 ])
 def test_token_view_and_latent_cards_show_numbers_on_hover(built_book, server, browser, tmp_path,
                                                            page, view):
@@ -225,7 +227,7 @@ def test_token_view_and_latent_cards_show_numbers_on_hover(built_book, server, b
     assert s["token"] in s["hover"]
     assert s["background"].startswith("rgba(214, 69, 30")
     assert not [r for r in s["resources"] if not r.startswith(server)], f"{page}: off-site load"
-    if view == "#tokens-in-context":  # the menu switches the quantity the hover reports
+    if view.endswith("tokens-in-context"):  # the menu switches the quantity the hover reports
         sel = browser.find_element("css selector", f"{view} select")
         options = sel.find_elements("css selector", "option")
         assert len(options) >= 5
