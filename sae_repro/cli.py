@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                     help="show this profile's values (default: every profile, notebooks at `default`)")
     args = ap.parse_args(argv)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps it ignored: restore it,
+    # so that Ctrl-C or `kill -INT` stops a run cleanly (nothing published) however it was started.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if args.cmd == "run":
             pipeline.run(args.profile, args.only, {k: _value(v) for k, v in args.p}, args.force,
