@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import html
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -356,7 +357,7 @@ def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict:
         raise ValueError(f"claim_id={claim_id!r}: use letters, digits, '-' and '_' only")
     entry = {"notebook": notebook, "profile": profile, "claim": claim, "paper": paper,
              "ours": ours, "verdict": verdict, "why": why, "stale": False,
-             "interval": None if interval is None else [float(v) for v in interval], "trend": trend,
+             "interval": _defined_interval(interval), "trend": trend,
              "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
     def add(verdicts: dict) -> None:
@@ -366,9 +367,19 @@ def record_verdict(claim_id: str, *, claim: str, paper: str, ours: str, verdict:
         verdicts[claim_id] = entry
 
     update_json((_staging() or figures_dir(profile)) / "verdicts.json", add)
+    interval = entry["interval"]
     extra = "" if interval is None else f" [95% {_number(interval[0])}, {_number(interval[1])}]"
     extra += "" if trend is None else f" (trend: {trend})"
     return f"{claim}: paper {paper}; ours {ours}{extra} -> {verdict.upper()} ({why})"
+
+
+def _defined_interval(interval: tuple[float, float] | None) -> list[float] | None:
+    """[lo, hi], or None where there is none or a bound is NaN (an interval undefined on some
+    resample; JSON has no NaN): the verdict's note says why. An unbounded end (inf) stays."""
+    if interval is None:
+        return None
+    lo, hi = (float(v) for v in interval)
+    return None if math.isnan(lo) or math.isnan(hi) else [lo, hi]
 
 
 def _number(x: float) -> str:

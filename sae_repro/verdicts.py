@@ -72,6 +72,10 @@ class Verdict:
             raise ValueError(f"trend={self.trend!r}: expected one of {TRENDS} or None")
         if self.interval is not None:
             lo, hi = (float(v) for v in self.interval)
+            if np.isnan(lo) or np.isnan(hi):
+                # an interval undefined on some resample is no interval: the note says why
+                object.__setattr__(self, "interval", None)
+                return
             if lo > hi:
                 raise ValueError(f"interval={self.interval!r}: expected (lo, hi) with lo <= hi")
             object.__setattr__(self, "interval", (lo, hi))
@@ -286,8 +290,15 @@ def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[
     # a NaN gap (no CE share) does not count; a NaN interval around a finite gap (some resample
     # has no CE increase) leaves that width undecided
     possibly = ~((ci[:, 0] > t) | (ci[:, 1] < -t)) & ~np.isnan(gap)
-    return _two_readings(int(surely.sum()), int(possibly.sum()), len(gap), _counted, why,
-                         "widths' 95% intervals straddle +-0.15", _span(ci))
+    undefined = int((np.isnan(ci).any(1) & ~np.isnan(gap)).sum())
+    note = f"widths' 95% intervals straddle +-{t}"
+    if undefined:
+        note += (f" or are undefined ({undefined} of {len(gap)}: the SAE's CE increase is not above 0 "
+                 "on every resample of the contexts, so its CE share is unbounded; more contexts would "
+                 "bound it)")
+    # the span of the widths that count (a NaN gap does not)
+    return _two_readings(int(surely.sum()), int(possibly.sum()), len(gap), _counted, why, note,
+                         _span(ci[~np.isnan(gap)]))
 
 
 def _two_readings(n_sure: int, n_possible: int, n: int, grade: Callable[[int, int], str], why: str,
@@ -349,9 +360,12 @@ def pursuit_slight(relative_decrease: Sequence[float],
     return Verdict("not reproduced", _PURSUIT_WHY, interval=_span(ci) if intervals is not None else None)
 
 
-def _span(ci: np.ndarray) -> tuple[float, float]:
-    """The interval reported for several: from the lowest lower end to the highest upper end."""
-    return float(np.nanmin(ci[:, 0])), float(np.nanmax(ci[:, 1]))
+def _span(ci: np.ndarray) -> tuple[float, float] | None:
+    """The interval reported for several: from the lowest lower end to the highest upper end;
+    None where one of them is undefined (NaN), as the span of the rest would understate it."""
+    if len(ci) == 0 or np.isnan(ci).any():
+        return None
+    return float(ci[:, 0].min()), float(ci[:, 1].max())
 
 
 _PURSUIT_WHY = (f"criterion: 0 <= decrease < {100 * PURSUIT_SLIGHT:.0f}% at every width "

@@ -11,6 +11,7 @@ import torch
 
 from sae_repro import verdicts
 from sae_repro.chapter import Chapter
+from sae_repro.figures import record_verdict
 from sae_repro.profiles import profile
 from sae_repro.zoo import sae_key
 
@@ -85,6 +86,23 @@ def test_a_verdict_records_its_interval_and_trend(tmp_path, monkeypatch):
     assert "0.89 [95% 0.85, 0.93] (trend: toward) -> INCONCLUSIVE" in line
     assert book._ours(recorded["t-claim"]) == "0.89 (95% interval 0.85 to 0.93); with more training: toward"
     assert book._ours(recorded["t-plain"]) == "0.95"
+
+
+def test_an_undefined_interval_is_recorded_as_none(tmp_path, monkeypatch):
+    # a NaN bound (a statistic undefined on some resample) is no interval, and JSON has no NaN
+    # (an unbounded end, such as a rate ratio's (0, inf) with no events, is an interval)
+    monkeypatch.setenv("SAE_REPRO_FIGURES", str(tmp_path))
+    monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path / "cache"))
+    assert verdicts.Verdict("inconclusive", "why", "n", interval=(float("nan"), 1.0)).interval is None
+    assert verdicts.Verdict("inconclusive", "why", "n", interval=(0.0, float("inf"))).interval == (0.0, float("inf"))
+    for claim, ci in (("t-nan", (float("nan"), float("nan"))), ("t-half", (0.0, float("nan")))):
+        line = record_verdict(claim, claim="c", paper="p", ours="1", verdict="inconclusive", why="w",
+                              notebook="dark_matter_scaling", profile="ci", interval=ci)
+        assert "95%" not in line
+    text = (tmp_path / "verdicts.json").read_text()
+    assert "NaN" not in text
+    recorded = json.loads(text)
+    assert recorded["t-nan"]["interval"] is None and recorded["t-half"]["interval"] is None
 
 
 def test_verdict_rejects_a_bad_interval_or_trend():

@@ -78,7 +78,7 @@ def test_same_tokens(r2, want):
 def test_nonlinear_flat_with_an_interval(ratio_ci, want):
     r = V.nonlinear_flat([0.4, 0.2], [0.1, 0.1], ratio_ci)
     assert _v(r) == want and (want != "inconclusive" or r.note)
-    assert r.interval == ratio_ci or math.isnan(r.interval[0])
+    assert r.interval == ratio_ci or (r.interval is None and math.isnan(ratio_ci[0]))
 
 
 def test_flat_ratio_is_the_drop_of_the_nonlinear_fvu_over_the_fvus():
@@ -175,6 +175,12 @@ def test_downstream_proportional_nan_interval_around_a_gap_is_undecided():
     # the second width has a gap (0.0) but no interval: reproduced if it is within, partly if not
     v = V.downstream_proportional([0.0, 0.0], [0.0, 0.0], gap_intervals=[(-0.1, 0.1), (NAN, NAN)])
     assert v.verdict == "inconclusive" and "1 of 2" in v.note
+    # the note says the interval is undefined, and no span is reported (the finite one understates it)
+    assert "undefined (1 of 2" in v.note and "CE increase is not above 0" in v.note
+    assert v.interval is None
+    # all intervals defined: a span, and no word of undefined ones
+    v = V.downstream_proportional([0.0, 0.5], [0.0, 0.0], gap_intervals=[(-0.1, 0.1), (-0.2, 0.6)])
+    assert v.verdict == "inconclusive" and v.interval == (-0.2, 0.6) and "undefined" not in v.note
 
 @pytest.mark.parametrize("lin, nl, want", [
     ([0.1, 0.2], [0.2, 0.3], "reproduced"),
