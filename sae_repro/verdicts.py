@@ -252,13 +252,24 @@ def nonlinear_norm_helps(share_removed: Sequence[float]) -> Verdict:
 
 
 def across_layers(verdicts: Sequence[str | Verdict]) -> Verdict:
-    """A single-layer criterion applied at each layer: the common verdict if every layer agrees,
-    else partly."""
+    """A single-layer criterion applied at each layer: the common verdict if every layer agrees;
+    partly where two decided layers disagree (whatever the undecided ones turn out to be);
+    inconclusive where the decided layers agree but some layer is inconclusive (it could agree or
+    not). The interval spans the layers' intervals where every layer has one."""
     words = [v.verdict if isinstance(v, Verdict) else str(v).split(" (")[0] for v in verdicts]
     if not words:
         raise ValueError("verdicts: expected one per layer, got none")
-    return Verdict(words[0] if len(set(words)) == 1 else "partly",
-                   "the single-layer criteria, applied at each layer")
+    why = "the single-layer criteria, applied at each layer"
+    cis = [v.interval if isinstance(v, Verdict) else None for v in verdicts]
+    interval = None if any(ci is None for ci in cis) else _span(np.asarray(cis, dtype=float))
+    decided = {w for w in words if w != "inconclusive"}
+    if len(decided) > 1:
+        return Verdict("partly", why, interval=interval)
+    undecided = words.count("inconclusive")
+    if undecided and decided:
+        return Verdict("inconclusive", why, f"{undecided} of {len(words)} layers inconclusive, the rest "
+                       f"{decided.pop()}", interval)
+    return Verdict(words[0], why, "every layer inconclusive" if undecided else "", interval)
 
 
 # ---------------------------------------------------------------------------------------------

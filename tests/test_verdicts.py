@@ -142,6 +142,20 @@ def test_across_layers():
         V.across_layers([])
 
 
+def test_across_layers_with_undecided_layers_and_intervals():
+    R, I, N = (V.Verdict(w, "x", interval=ci) for w, ci in
+               (("reproduced", (0.4, 0.6)), ("inconclusive", (0.3, 0.7)), ("not reproduced", (0.9, 1.0))))
+    # the decided layers agree, one is undecided: it could agree (reproduced) or not (partly)
+    v = V.across_layers([R, I, R])
+    assert v.verdict == "inconclusive" and "1 of 3 layers inconclusive, the rest reproduced" in v.note
+    assert v.interval == (0.3, 0.7)
+    # two decided layers disagree: partly, whatever the undecided one is
+    assert V.across_layers([R, I, N]).verdict == "partly"
+    assert V.across_layers([I, I]).verdict == "inconclusive"
+    assert V.across_layers([R, N]).interval == (0.4, 1.0)
+    assert V.across_layers([R, "reproduced"]).interval is None  # a layer without one: no span
+
+
 @pytest.mark.parametrize("ce, var, want", [
     ([0.5, 0.6], [0.5, 0.45], "reproduced"),           # gaps 0 and 0.15 (boundary)
     ([0.5, 0.66], [0.5, 0.5], "partly"),               # one of two widths off
