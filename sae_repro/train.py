@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -757,24 +758,47 @@ def reconstruct(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, 
 
 @torch.no_grad()
 def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
-             batch_size: int = 4096) -> dict[str, Any]:
+             batch_size: int = 4096, context: Tensor | None = None) -> dict[str, Any]:
     """Metrics of `sae` on x [n, d_in] in eval mode (batch rules use their learned threshold).
 
     -> dict(fvu, mse, l0, dead_fraction (never fired on these n tokens), dense_fraction,
     n_tokens, density [n_latents], x_hat [n, d_in] (float32, CPU), l0_per_token [n]), the
     metrics all through `metrics`. Batches of `batch_size` tokens, as in `reconstruct`.
+    context: [n] each token's context; then also firings_per_context [n_contexts, n_latents]
+    (float64 fire counts, the contexts numbered in order of first appearance, as
+    `intervals.per_context`) and tokens_per_context [n_contexts]: what a bootstrap of the
+    densities over contexts resamples (`zipf.zipf_bootstrap`).
     """
+    codes = None
+    if context is not None:
+        context = torch.as_tensor(context).reshape(-1)
+        if len(context) != x.shape[0]:
+            raise ValueError(f"evaluate: context has {len(context)} tokens, x has {x.shape[0]}")
+        uniques, first = np.unique(context.numpy(), return_index=True)
+        order = np.argsort(first)  # number the contexts by first appearance
+        rank = np.empty(len(uniques), dtype=np.int64)
+        rank[order] = np.arange(len(uniques))
+        codes = torch.from_numpy(rank[np.searchsorted(uniques, context.numpy())])
+        per_ctx = torch.zeros(len(uniques), sae.cfg.n_latents, dtype=torch.float64)
     x_hats, l0s, counts, l0_sum = [], [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
+    i = 0
     for xb, out in _eval_batches(sae, x, grads, batch_size):
         dense = out.codes.to_dense()
         x_hats.append(out.x_hat.float().cpu())
         counts += feature_density(dense).cpu() * len(xb)  # per-latent fire counts on this batch
         l0_sum += l0(dense) * len(xb)
         l0s.append(out.codes.active_per_token().cpu())
+        if codes is not None:
+            per_ctx.index_add_(0, codes[i:i + len(xb)], (dense != 0).double().cpu())
+        i += len(xb)
     x_hat = torch.cat(x_hats)
     n = x.shape[0]
     density = counts / n
-    return {"fvu": fvu(x.float(), x_hat), "mse": float(mse(x.float(), x_hat, normalize=False)),
-            "l0": l0_sum / n, "dead_fraction": dead_fraction(counts.round().long()),
-            "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density,
-            "x_hat": x_hat, "l0_per_token": torch.cat(l0s)}
+    out = {"fvu": fvu(x.float(), x_hat), "mse": float(mse(x.float(), x_hat, normalize=False)),
+           "l0": l0_sum / n, "dead_fraction": dead_fraction(counts.round().long()),
+           "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density,
+           "x_hat": x_hat, "l0_per_token": torch.cat(l0s)}
+    if codes is not None:
+        out["firings_per_context"] = per_ctx.numpy()
+        out["tokens_per_context"] = np.bincount(codes.numpy(), minlength=len(per_ctx)).astype(np.float64)
+    return out

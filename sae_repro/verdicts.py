@@ -414,12 +414,24 @@ def synthetic_noise(activation_to_linear: float, reconstruction_to_nonlinear: fl
 # Mutual / Feature Choice
 
 
-def zipf_law(r2_all: float, r2_middle: float) -> Verdict:
+def zipf_law(r2_all: float, r2_middle: float,
+             intervals: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Verdict:
     """"Feature densities follow a Zipf law." R^2 of the log-log fit over all live ranks and of
-    the fit on the middle ranks (NaN: too few middle ranks). reproduced: both thresholds; partly: one."""
-    ok = [r2_all >= ZIPF_R2_ALL, r2_middle >= ZIPF_R2_MIDDLE]
-    return Verdict(_by_count(sum(ok), len(ok)),
-                   "criterion: overall R^2 >= 0.95 and middle R^2 >= 0.98 (partly: one of them)")
+    the fit on the middle ranks (NaN: too few middle ranks). reproduced: both thresholds; partly: one.
+
+    intervals: the 95% intervals of the two (`zipf.zipf_bootstrap`). A threshold is then met
+    when its whole interval lies at or above it, missed when wholly below (or the R^2 is NaN);
+    the verdict is the one both readings of a straddling (or NaN) interval give, else
+    inconclusive. The interval reported is the overall R^2's."""
+    why = "criterion: overall R^2 >= 0.95 and middle R^2 >= 0.98 (partly: one of them)"
+    values, thresholds = np.array([r2_all, r2_middle], dtype=float), np.array([ZIPF_R2_ALL, ZIPF_R2_MIDDLE])
+    if intervals is None:
+        return Verdict(_by_count(int((values >= thresholds).sum()), 2), why)
+    ci = np.asarray(intervals, dtype=float).reshape(2, 2)
+    sure = ci[:, 0] >= thresholds
+    possibly = ~(ci[:, 1] < thresholds) & ~np.isnan(values)  # a NaN bound leaves it undecided
+    return _two_readings(int(sure.sum()), int(possibly.sum()), 2, _by_count, why,
+                         "R^2 95% intervals straddle their threshold", tuple(ci[0]))
 
 
 def beats_at_equal_l0(deltas: Sequence[float]) -> bool:

@@ -39,6 +39,8 @@ import pandas as pd
 from scipy import stats
 from torch import Tensor
 
+from sae_repro.intervals import context_bootstrap
+
 FIT_ON = ("all", "middle")
 PAPER_MIDDLE = (100, 20_000)  # the paper's middle ranks
 # the width those ranks are of: GPT-2 small's d_model 768 x 32 *(our reading: the paper's figure
@@ -175,3 +177,38 @@ def zipf_curve_frame(densities: Tensor | np.ndarray, fit: ZipfFit) -> pd.DataFra
         "fitted": fit.predict(rank),
         "in_middle": (rank >= fit.middle[0]) & (rank <= fit.middle[1]),
     })
+
+
+def _verdict_r2s(firings: np.ndarray, tokens: np.ndarray, min_firings: int) -> tuple[float, float]:
+    """The verdict's two R^2 from per-context fire counts [c, L] and token counts [c]: over the
+    supported ranks, and on the proportional middle (fitted there); NaN where too few ranks."""
+    n = float(tokens.sum())
+    d = firings.sum(0) / n
+    n_ok = supported_ranks(d, int(n), min_firings)
+    middle = proportional_middle(len(d))
+    try:
+        fit = fit_zipf(d, middle=middle, max_rank=n_ok)
+    except ValueError:  # fewer than 3 supported ranks
+        return float("nan"), float("nan")
+    if fit.middle[1] - fit.middle[0] + 1 < 3:
+        return fit.r2_all, float("nan")
+    return fit.r2_all, fit_zipf(d, middle=middle, fit_on="middle", max_rank=n_ok).r2_middle
+
+
+def zipf_bootstrap(firings: np.ndarray, tokens: np.ndarray, *, min_firings: int = MIN_FIRINGS,
+                   seed: int = 0) -> dict[str, tuple[float, tuple[float, float]]]:
+    """The Zipf verdict's numbers with 95% intervals over contexts.
+
+    firings: [n_contexts, n_latents] fire counts per context, tokens: [n_contexts] tokens per
+    context (`train.evaluate(..., context=)`). The densities, the supported ranks
+    (>= min_firings firings) and both fits are recomputed on every resample of the contexts.
+    -> {"r2_supported": (value, (lo, hi)), "r2_middle": (value, (lo, hi))}: the R^2 over the
+    supported ranks and on the paper's middle as the same share of ranks (fitted there)."""
+    f, t = np.asarray(firings, dtype=np.float64), np.asarray(tokens, dtype=np.float64).reshape(-1)
+    if f.ndim != 2 or len(f) != len(t):
+        raise ValueError(f"zipf_bootstrap: firings must be [n_contexts, n_latents] and tokens [n_contexts]; "
+                         f"got {f.shape} and {t.shape}")
+    values = _verdict_r2s(f, t, min_firings)
+    return {name: (values[i], context_bootstrap(lambda a, b, i=i: _verdict_r2s(a, b, min_firings)[i], f, t,
+                                                seed=seed))
+            for i, name in enumerate(("r2_supported", "r2_middle"))}

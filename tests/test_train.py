@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
@@ -384,6 +385,18 @@ def test_evaluate_matches_metrics():
     assert ev["l0"] == pytest.approx(float((codes != 0).sum(1).double().mean()))
     assert ev["dead_fraction"] == pytest.approx(float(((codes != 0).sum(0) == 0).double().mean()))
     assert ev["n_tokens"] == 1000 and ev["density"].shape == (ATOMS,)
+    # per-context fire counts: contexts numbered by first appearance, summing to the density
+    context = torch.arange(1000) // 7 + 100 * (torch.arange(1000) % 2 == 0)  # interleaved, unsorted
+    ev = evaluate(sae, X[:1000], batch_size=300, context=context)
+    f, t = ev["firings_per_context"], ev["tokens_per_context"]
+    n_ctx = len(context.unique())
+    assert f.shape == (n_ctx, ATOMS) and t.sum() == 1000
+    np.testing.assert_allclose(f.sum(0) / 1000, ev["density"].numpy())
+    c0 = context[0]  # context number 0 is the first token's
+    assert t[0] == int((context == c0).sum())
+    np.testing.assert_array_equal(f[0], ((codes[context == c0] != 0).sum(0)).double().numpy())
+    with pytest.raises(ValueError, match="context has 999 tokens"):
+        evaluate(sae, X[:1000], context=context[:999])
 
 
 @pytest.mark.parametrize("rule", ["mutual_choice", "feature_choice"])

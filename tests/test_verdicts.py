@@ -143,15 +143,15 @@ def test_across_layers():
 
 
 def test_across_layers_with_undecided_layers_and_intervals():
-    R, I, N = (V.Verdict(w, "x", interval=ci) for w, ci in
+    R, U, N = (V.Verdict(w, "x", interval=ci) for w, ci in
                (("reproduced", (0.4, 0.6)), ("inconclusive", (0.3, 0.7)), ("not reproduced", (0.9, 1.0))))
     # the decided layers agree, one is undecided: it could agree (reproduced) or not (partly)
-    v = V.across_layers([R, I, R])
+    v = V.across_layers([R, U, R])
     assert v.verdict == "inconclusive" and "1 of 3 layers inconclusive, the rest reproduced" in v.note
     assert v.interval == (0.3, 0.7)
     # two decided layers disagree: partly, whatever the undecided one is
-    assert V.across_layers([R, I, N]).verdict == "partly"
-    assert V.across_layers([I, I]).verdict == "inconclusive"
+    assert V.across_layers([R, U, N]).verdict == "partly"
+    assert V.across_layers([U, U]).verdict == "inconclusive"
     assert V.across_layers([R, N]).interval == (0.4, 1.0)
     assert V.across_layers([R, "reproduced"]).interval is None  # a layer without one: no span
 
@@ -256,6 +256,22 @@ def test_synthetic_noise(diag, off, want):
 ])
 def test_zipf_law(r2_all, r2_mid, want):
     assert _v(V.zipf_law(r2_all, r2_mid)) == want
+
+
+# with intervals: a threshold met when its interval is wholly at or above it (0.95 overall, 0.98 middle)
+@pytest.mark.parametrize("ci_all, ci_mid, want", [
+    ((0.95, 0.97), (0.98, 0.99), "reproduced"),       # both at their boundary
+    ((0.96, 0.97), (0.97, 0.979), "partly"),          # middle wholly below
+    ((0.94, 0.96), (0.985, 0.99), "inconclusive"),    # overall straddles: reproduced or partly
+    ((0.90, 0.94), (0.90, 0.97), "not reproduced"),   # both wholly below
+    ((0.90, 0.94), (NAN, NAN), "inconclusive"),       # the middle undecided: partly or not
+])
+def test_zipf_law_with_intervals(ci_all, ci_mid, want):
+    mid = [(lo + hi) / 2 for lo, hi in (ci_all, ci_mid)]
+    v = V.zipf_law(mid[0], 0.98 if ci_mid[0] != ci_mid[0] else mid[1], (ci_all, ci_mid))
+    assert v.verdict == want and (want != "inconclusive" or "straddle" in v.note)
+    assert v.interval == ci_all
+    assert V.zipf_law(0.97, NAN, ((0.96, 0.98), (NAN, NAN))).verdict == "partly"  # no middle: missed
 
 
 def test_beats_at_equal_l0():

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sae_repro.metrics import feature_density
-from sae_repro.zipf import ZipfFit, fit_zipf, zipf_curve_frame
+from sae_repro.zipf import ZipfFit, fit_zipf, proportional_middle, supported_ranks, zipf_bootstrap, zipf_curve_frame
 
 
 def _zipf_densities(n=5000, exponent=1.2, c=0.05, noise=0.1, seed=0) -> np.ndarray:
@@ -119,3 +119,23 @@ def test_fit_zipf_max_rank_keeps_only_the_densest_ranks():
     assert cut.n_cut == 50 and cut.n_dead == 0 and fit_zipf(d).r2_all < 0.99
     with pytest.raises(ValueError, match="max_rank=0"):
         fit_zipf(d, max_rank=0)
+
+
+def test_zipf_bootstrap_recomputes_the_verdicts_numbers_on_resampled_contexts():
+    # 200 contexts of 50 tokens; latent r fires with probability ~ 0.3 r^-1 on each token
+    rng = np.random.default_rng(0)
+    n_ctx, per, n_lat = 200, 50, 400
+    p = 0.3 / np.arange(1, n_lat + 1)
+    firings = rng.binomial(per, p, size=(n_ctx, n_lat)).astype(float)
+    tokens = np.full(n_ctx, float(per))
+    out = zipf_bootstrap(firings, tokens, seed=0)
+    d = firings.sum(0) / tokens.sum()
+    n_ok = supported_ranks(d, int(tokens.sum()))
+    want_all = fit_zipf(d, middle=proportional_middle(n_lat), max_rank=n_ok).r2_all
+    want_mid = fit_zipf(d, middle=proportional_middle(n_lat), fit_on="middle", max_rank=n_ok).r2_middle
+    (r2_all, (lo, hi)), (r2_mid, (mlo, mhi)) = out["r2_supported"], out["r2_middle"]
+    assert r2_all == want_all and r2_mid == want_mid
+    assert lo <= r2_all <= hi and mlo <= r2_mid <= mhi and 0 < hi - lo < 0.05
+    assert zipf_bootstrap(firings, tokens, seed=0) == out  # seeded
+    with pytest.raises(ValueError, match="firings must be"):
+        zipf_bootstrap(firings[0], tokens)
