@@ -18,7 +18,10 @@ Every share is a ratio of sums over the contexts, so its 95% interval resamples 
 CE share - variance share (`verdicts.downstream_proportional`).
 
 `compare_splices` gives the difference of two runs' CE loss recovered and KL on the same contexts
-(paired: resampling a context resamples both), e.g. a g-SAE against TopK (`verdicts.gsae_faithful`).
+(paired: resampling a context resamples both), e.g. a g-SAE against TopK (`verdicts.gsae_faithful`);
+`gain_at_equal_l0` a family of runs' mean CE loss recovered above a reference family's curve read
+at their L0s (Mutual Choice against TopK, `verdicts.mc_downstream`), the curve redrawn on every
+resample.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import numpy as np
 from torch import Tensor
 
 from sae_repro.intervals import context_bootstrap, per_context
-from sae_repro.metrics import ce_loss_recovered
+from sae_repro.metrics import ce_loss_recovered, interp_log_l0
 from sae_repro.splice import ZERO, ContextLosses
 
 # part -> (the splice that leaves only it out, the splice that adds only it back to Sae(x))
@@ -125,3 +128,40 @@ def compare_splices(losses: ContextLosses, a: str, b: str, *, seed: int = 0) -> 
         stat = _pick(lambda *a: _compare(*a, losses.tokens_per_context), name)
         out[name + "_lo"], out[name + "_hi"] = context_bootstrap(stat, *arrays, seed=seed)
     return out
+
+
+def _gains(ce_clean: np.ndarray, ce_zero: np.ndarray, *ce_runs: np.ndarray, l0: np.ndarray,
+           n_ref: int, max_ratio: float) -> np.ndarray:
+    """CE loss recovered of each run (the first n_ref the reference) -> the others' gains over
+    the reference curve read at their L0 (NaN out of its reach)."""
+    rec = np.array([_recovered(ce_clean, ce_zero, ce) for ce in ce_runs])
+    return rec[n_ref:] - interp_log_l0(l0[:n_ref], rec[:n_ref], l0[n_ref:], max_ratio=max_ratio)
+
+
+def gain_at_equal_l0(losses: ContextLosses, runs: dict[str, float], reference: dict[str, float], *,
+                     max_ratio: float = 1.0, seed: int = 0) -> dict[str, object]:
+    """A family's CE loss recovered above a reference family's curve at equal L0, with a paired
+    95% context-bootstrap interval of its mean (the L0s fixed; every run's CE resampled together).
+
+    runs, reference: spliced run name -> its measured L0 (>= 2 reference runs, as
+    `metrics.interp_log_l0`, which reads the curve up to `max_ratio` beyond its ends).
+    -> {"gains": [len(runs)] (NaN out of reach), "mean_gain", "mean_gain_lo", "mean_gain_hi",
+    "n_in_reach"}; the mean over the runs in reach of the curve (NaN if none)."""
+    names = list(reference) + list(runs)
+    l0 = np.array([reference[n] for n in reference] + [runs[n] for n in runs], dtype=np.float64)
+    ce_clean, _ = losses.of("clean")
+    ce_zero, _ = losses.of(ZERO)
+    arrays = (ce_clean, ce_zero, *(losses.of(n)[0] for n in names))
+
+    def gains(*a: np.ndarray) -> np.ndarray:
+        return _gains(*a, l0=l0, n_ref=len(reference), max_ratio=max_ratio)
+
+    g = gains(*arrays)
+    reach = ~np.isnan(g)
+    out: dict[str, object] = {"gains": g, "n_in_reach": int(reach.sum()),
+                              "mean_gain": float(g[reach].mean()) if reach.any() else float("nan")}
+    if reach.any():
+        lo, hi = context_bootstrap(lambda *a: float(np.nanmean(gains(*a)[reach])), *arrays, seed=seed)
+    else:
+        lo = hi = float("nan")
+    return out | {"mean_gain_lo": lo, "mean_gain_hi": hi}

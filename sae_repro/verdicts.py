@@ -443,17 +443,29 @@ def beats_at_equal_l0(deltas: Sequence[float]) -> bool:
     return bool(d.size > 0 and d.mean() > 0 and (d > 0).mean() > BEATS_MOST)
 
 
-def mc_downstream(mutual_choice: Sequence[float], feature_choice_finetuned: Sequence[float]) -> Verdict:
+def mc_downstream(mutual_choice: Sequence[float], feature_choice_finetuned: Sequence[float],
+                  intervals: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Verdict:
     """"Mutual Choice and fine-tuned Feature Choice recover more downstream loss than TopK at equal
     L0." Per family: delta CE recovered against TopK's curve read at each point's L0 (NaN where it
     is out of reach). reproduced: both families `beats_at_equal_l0`; partly: one; inconclusive if a
-    family has no comparable point."""
+    family has no comparable point.
+
+    intervals: per family, the 95% interval of its mean delta (`downstream.gain_at_equal_l0`). A
+    family then beats TopK when most of its points are > 0 and the interval lies above 0, does
+    not when fewer are or the interval lies at or below 0; the verdict is the one both readings of
+    a straddling interval give, else inconclusive. The interval reported is Mutual Choice's."""
     why = ("criterion: mean delta CE recovered > 0 and most points > 0 vs TopK's curve read at equal "
            "L0, for both")
-    families = [mutual_choice, feature_choice_finetuned]
-    if any(np.isnan(np.asarray(f, dtype=float)).all() for f in families):
+    families = [np.asarray(f, dtype=float).reshape(-1) for f in (mutual_choice, feature_choice_finetuned)]
+    if any(np.isnan(f).all() for f in families):
         return Verdict("inconclusive", why, "no comparable point")
-    return Verdict(_by_count(sum(beats_at_equal_l0(f) for f in families), 2), why)
+    if intervals is None:
+        return Verdict(_by_count(sum(beats_at_equal_l0(f) for f in families), 2), why)
+    ci = np.asarray(intervals, dtype=float).reshape(2, 2)
+    most = np.array([(f[~np.isnan(f)] > 0).mean() > BEATS_MOST for f in families])
+    sure, possibly = most & (ci[:, 0] > 0), most & ~(ci[:, 1] <= 0)
+    return _two_readings(int(sure.sum()), int(possibly.sum()), 2, _by_count, why,
+                         "families' 95% intervals of the mean delta straddle 0", tuple(ci[0]))
 
 
 def mc_fewer_dead(dead_no_aux: Sequence[int], dead_mutual_choice_zipf: int,

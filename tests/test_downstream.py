@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_repro.downstream import compare_splices, error_sums, part_shares
+from sae_repro.downstream import compare_splices, error_sums, gain_at_equal_l0, part_shares
 from sae_repro.splice import ZERO, ContextLosses
 
 NAMES = ("clean", ZERO, "8x Sae", "8x Sae + LinearError", "8x Sae + NonlinearError")
@@ -69,3 +69,24 @@ def test_compare_splices_is_paired_over_contexts():
     assert c["ce_recovered_diff_lo"] == pytest.approx(0.1) and c["ce_recovered_diff_hi"] == pytest.approx(0.1)
     assert c["kl_diff"] == pytest.approx(-0.1)  # 1 nat per context of 10 tokens
     assert c["kl_diff_lo"] == pytest.approx(-0.1) and c["kl_diff_hi"] == pytest.approx(-0.1)
+
+
+def test_gain_at_equal_l0_reads_the_reference_curve_and_is_paired():
+    # TopK at L0 10 and 40 recovers 0.5 and 0.8 in every context; MC at L0 20 (halfway in log L0:
+    # the curve reads 0.65) recovers 0.7, at L0 100 (out of reach) anything
+    names = ("clean", ZERO, "t10", "t40", "m20", "m100")
+    rec = {"t10": 0.5, "t40": 0.8, "m20": 0.7, "m100": 0.9}
+    ce = np.array([[10.0] * 3, [20.0] * 3] + [[20.0 - 10.0 * rec[n]] * 3 for n in names[2:]])
+    losses = ContextLosses(names, ce, np.zeros_like(ce), tokens_per_context=10)
+    g = gain_at_equal_l0(losses, {"m20": 20.0, "m100": 100.0}, {"t10": 10.0, "t40": 40.0}, seed=0)
+    assert g["gains"][0] == pytest.approx(0.05) and np.isnan(g["gains"][1]) and g["n_in_reach"] == 1
+    assert g["mean_gain"] == pytest.approx(0.05)
+    # the same gain in every context: the interval is a point
+    assert g["mean_gain_lo"] == pytest.approx(0.05) and g["mean_gain_hi"] == pytest.approx(0.05)
+    # contexts that disagree widen it; none in reach: NaN
+    ce2 = ce.copy()
+    ce2[4] = [20.0 - 10.0 * v for v in (0.6, 0.7, 0.8)]
+    g2 = gain_at_equal_l0(ContextLosses(names, ce2, np.zeros_like(ce2), 10), {"m20": 20.0}, {"t10": 10.0, "t40": 40.0})
+    assert g2["mean_gain_lo"] < 0.05 < g2["mean_gain_hi"]
+    far = gain_at_equal_l0(losses, {"m100": 100.0}, {"t10": 10.0, "t40": 40.0})
+    assert np.isnan(far["mean_gain"]) and np.isnan(far["mean_gain_lo"])

@@ -293,6 +293,22 @@ def test_mc_downstream(mc, fc, want):
     assert _v(V.mc_downstream(mc, fc)) == want
 
 
+# with intervals of the mean delta: a family beats TopK when most points are > 0 and its interval
+# lies above 0
+@pytest.mark.parametrize("mc, ci_mc, ci_fc, want", [
+    ([0.01, 0.02], (0.001, 0.03), (0.002, 0.01), "reproduced"),
+    ([0.01, 0.02], (0.001, 0.03), (-0.01, 0.0), "partly"),      # FC's interval at or below 0
+    ([0.01, 0.02], (-0.001, 0.03), (0.002, 0.01), "inconclusive"),  # MC straddles: reproduced or partly
+    ([0.01, 0.02], (-0.02, -0.001), (-0.01, 0.0), "not reproduced"),
+    ([0.01, -0.02, -0.01], (0.001, 0.03), (0.002, 0.01), "partly"),  # MC: most points not > 0
+])
+def test_mc_downstream_with_intervals(mc, ci_mc, ci_fc, want):
+    v = V.mc_downstream(mc, [0.01, 0.02], (ci_mc, ci_fc))
+    assert v.verdict == want and v.interval == ci_mc
+    assert (want == "inconclusive") == ("straddle" in v.note)
+    assert V.mc_downstream([NAN], [0.01], (ci_mc, ci_fc)).note == "no comparable point"
+
+
 # rate-ratio intervals: 0 vs 6 [0, 0.85] clear, 0 vs 5 [0, 1.09] not; 40 vs 20 [1.14, 3.61] more
 @pytest.mark.parametrize("no_aux, mcz, fc, want, noted", [
     ((6, 10), 0, 0, "reproduced", False),  # both clearly below both no-aux SAEs
