@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from sae_repro.decomposition import ErrorSummary, PerTokenScaling, error_summary, per_token_scaling, pursuit_reconstruct
-from sae_repro.intervals import r2_bootstrap
+from sae_repro.intervals import context_bootstrap, r2_bootstrap
 
 if TYPE_CHECKING:
     from sae_repro.sae import SparseAutoencoder
@@ -99,6 +99,42 @@ def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, co
     return HeadlineScores(vec, vec_ci, norm, norm_ci, flat, flat_ci, same, same_ci, summaries, pairs)
 
 
+@dataclass
+class Reduction:
+    """How much a change removes of an error, token by token: sq_before, sq_after [n] squared
+    residual norms (e.g. ||x - (Sae + LinearError)||^2 before and after a predictor of the
+    nonlinear error is added), context [n] each token's context. value: 1 - sum after / sum before,
+    the relative decrease of the FVU (its denominator, the tokens' variance, cancels)."""
+
+    sq_before: np.ndarray
+    sq_after: np.ndarray
+    context: np.ndarray
+
+    @property
+    def value(self) -> float:
+        return float(1 - self.sq_after.sum() / self.sq_before.sum())
+
+
+def _reduction(x: Tensor, before: Tensor, after: Tensor, context: Tensor) -> Reduction:
+    sq = [(x.double() - r.double()).pow(2).sum(1).numpy() for r in (before, after)]
+    return Reduction(sq[0], sq[1], torch.as_tensor(context).reshape(-1).numpy())
+
+
+def reduction_difference(a: Reduction, b: Reduction, *, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """a.value - b.value with a 95% interval over contexts, the two measured on token sets that
+    may overlap or differ (e.g. a regression's held-out half and pursuit's subset): a resampled
+    context brings its tokens in both, so the shared contexts are paired."""
+    ids, codes = np.unique(np.concatenate([a.context, b.context]), return_inverse=True)
+    ca, cb = codes[:len(a.context)], codes[len(a.context):]
+    sums = [np.stack([np.bincount(c, r.sq_before, len(ids)), np.bincount(c, r.sq_after, len(ids))], 1)
+            for c, r in ((ca, a), (cb, b))]
+
+    def diff(sa: np.ndarray, sb: np.ndarray) -> float:
+        return float((1 - sa[:, 1].sum() / sa[:, 0].sum()) - (1 - sb[:, 1].sum() / sb[:, 0].sum()))
+
+    return diff(*sums), context_bootstrap(diff, *sums, seed=seed)
+
+
 def pursuit_gain(sae: "SparseAutoencoder", x: Tensor, context: Tensor, *, seed: int = 0) -> dict[str, float]:
     """Gradient pursuit on the SAE's own decoder at the SAE's per-token L0, against its encoder,
     on held-out x [n, d] (context [n]: each token's context). Each reconstruction is decomposed
@@ -106,7 +142,14 @@ def pursuit_gain(sae: "SparseAutoencoder", x: Tensor, context: Tensor, *, seed: 
     -> nonlinear_gain = 1 - nonlinear FVU (pursuit) / (encoder), the paper's "very slight
     decrease", with its 95% interval (nonlinear_gain_lo, _hi); fvu_gain, the same for the FVU,
     with its interval; gain_ratio = nonlinear_gain / fvu_gain (how much of what pursuit fixes is
-    nonlinear error); the four FVUs and both L0s."""
+    nonlinear error); the four FVUs and both L0s. `pursuit_gain_and_reduction` also gives the
+    nonlinear gain token by token."""
+    return pursuit_gain_and_reduction(sae, x, context, seed=seed)[0]
+
+
+def pursuit_gain_and_reduction(sae: "SparseAutoencoder", x: Tensor, context: Tensor, *,
+                               seed: int = 0) -> tuple[dict[str, float], Reduction]:
+    """`pursuit_gain` and its nonlinear gain as a `Reduction` (its value is nonlinear_gain)."""
     from sae_repro.train import reconstruct
 
     x_hat, l0 = reconstruct(sae, x)
@@ -117,11 +160,12 @@ def pursuit_gain(sae: "SparseAutoencoder", x: Tensor, context: Tensor, *, seed: 
     pairs = [(xt, x_hat[te]), (xt, x_hat[te] + enc.test.linear), (xt, x_gp[te]), (xt, x_gp[te] + gp.test.linear)]
     nl_gain, nl_ci = r2_bootstrap(pairs, ctx, lambda r: 1 - (1 - r[3]) / (1 - r[1]), seed=seed)
     fvu_gain, fvu_ci = r2_bootstrap(pairs, ctx, lambda r: 1 - (1 - r[2]) / (1 - r[0]), seed=seed)
-    return {"fvu_encoder": enc.fvu, "fvu_pursuit": gp.fvu, "nonlinear_fvu_encoder": enc.nonlinear_fvu,
+    gain = {"fvu_encoder": enc.fvu, "fvu_pursuit": gp.fvu, "nonlinear_fvu_encoder": enc.nonlinear_fvu,
             "nonlinear_fvu_pursuit": gp.nonlinear_fvu, "l0_encoder": float(l0.float().mean()),
             "l0_pursuit": float(l0_gp.float().mean()), "nonlinear_gain": nl_gain, "nonlinear_gain_lo": nl_ci[0],
             "nonlinear_gain_hi": nl_ci[1], "fvu_gain": fvu_gain, "fvu_gain_lo": fvu_ci[0], "fvu_gain_hi": fvu_ci[1],
             "gain_ratio": nl_gain / fvu_gain if fvu_gain != 0 else float("nan")}
+    return gain, _reduction(xt, pairs[1][1], pairs[3][1], ctx)
 
 
 PARTS = ("SaeError", "LinearError", "NonlinearError")
@@ -161,7 +205,16 @@ def ridge_nonlinear(x: Tensor, x_hat: Tensor, predictor: Tensor, *, train_idx: T
     side by side), with a ridge penalty instead of plain least squares: scikit-learn's RidgeCV
     (with an intercept) picks the penalty on the fitting tokens by efficient leave-one-out
     error, from RIDGE_ALPHAS scaled to the predictor; scored on the other tokens like
-    explain_nonlinear. -> dict(r2, nonlinear_fvu, nonlinear_fvu_after, alpha)."""
+    explain_nonlinear. -> dict(r2, nonlinear_fvu, nonlinear_fvu_after, alpha).
+    `ridge_nonlinear_and_reduction` also gives the reduction token by token."""
+    return ridge_nonlinear_and_reduction(x, x_hat, predictor, train_idx=train_idx,
+                                         context=torch.zeros(len(x), dtype=torch.long))[0]
+
+
+def ridge_nonlinear_and_reduction(x: Tensor, x_hat: Tensor, predictor: Tensor, *, train_idx: Tensor,
+                                  context: Tensor) -> tuple[dict[str, float], Reduction]:
+    """`ridge_nonlinear` and its reduction of the nonlinear FVU as a `Reduction` on the scored
+    tokens (context [n]: each token's context)."""
     from sklearn.linear_model import RidgeCV
 
     from sae_repro.decomposition import nonlinear_target
@@ -175,5 +228,6 @@ def ridge_nonlinear(x: Tensor, x_hat: Tensor, predictor: Tensor, *, train_idx: T
     pred = torch.from_numpy(ridge.predict(p[te]))
     held = nonlinear[te]
     r2 = 1 - float((held - pred).pow(2).sum() / (held - held.mean(0)).pow(2).sum())
-    return {"r2": r2, "nonlinear_fvu": fvu(x[te], base), "nonlinear_fvu_after": fvu(x[te], base + pred),
-            "alpha": float(ridge.alpha_)}
+    out = {"r2": r2, "nonlinear_fvu": fvu(x[te], base), "nonlinear_fvu_after": fvu(x[te], base + pred),
+           "alpha": float(ridge.alpha_)}
+    return out, _reduction(x[te], base, base + pred, torch.as_tensor(context).reshape(-1)[te])

@@ -383,15 +383,31 @@ _PURSUIT_WHY = (f"criterion: 0 <= decrease < {100 * PURSUIT_SLIGHT:.0f}% at ever
                 "(partly: |change| below it)")
 
 
-def earlier_components(all_three: float, single: Sequence[float], pursuit: float) -> Verdict:
+def earlier_components(all_three: float, single: Sequence[float], pursuit: float,
+                       interval: tuple[float, float] | None = None) -> Verdict:
     """"Earlier components' SAE outputs reduce the nonlinear error more than pursuit." Relative
     reductions of the nonlinear FVU: by the three component SAEs together, by each alone, by
-    gradient pursuit. reproduced: together > 0 and > pursuit; partly: some single one > pursuit."""
-    if all_three > pursuit and all_three > 0:
-        return Verdict("reproduced", _EARLIER_WHY)
-    if (_floats(single, "single") > pursuit).any():
-        return Verdict("partly", _EARLIER_WHY, "only some component SAEs beat pursuit")
-    return Verdict("not reproduced", _EARLIER_WHY)
+    gradient pursuit. reproduced: together > 0 and > pursuit; partly: some single one > pursuit.
+
+    interval: the 95% interval of together - pursuit (`scaling.reduction_difference`). Together
+    then beats pursuit when it lies above 0, does not when at or below; the verdict is the one
+    both readings of a straddling interval give, else inconclusive (the singles are compared on
+    their point values)."""
+    def verdict(beats: bool) -> Verdict:
+        if beats and all_three > 0:
+            return Verdict("reproduced", _EARLIER_WHY, interval=interval)
+        if (_floats(single, "single") > pursuit).any():
+            return Verdict("partly", _EARLIER_WHY, "only some component SAEs beat pursuit", interval)
+        return Verdict("not reproduced", _EARLIER_WHY, interval=interval)
+
+    if interval is None:
+        return verdict(all_three > pursuit)
+    lo, hi = float(interval[0]), float(interval[1])
+    low, high = verdict(lo > 0), verdict(not hi <= 0)
+    if low.verdict == high.verdict:
+        return low
+    return Verdict("inconclusive", _EARLIER_WHY, f"the 95% interval [{lo:.3g}, {hi:.3g}] of together - "
+                   f"pursuit straddles 0: {low.verdict} or {high.verdict}", interval)
 
 
 _EARLIER_WHY = ("criterion: the three SAE outputs together reduce it, by more than pursuit "

@@ -103,3 +103,31 @@ def test_ridge_nonlinear_penalises_a_wide_useless_predictor_and_keeps_a_useful_o
     assert ridge["nonlinear_fvu_after"] < ols["nonlinear_fvu_after"] and ridge["alpha"] > 0
     useful = ridge_nonlinear(x, x_hat, torch.cat([preds["relu(a)"], preds["junk"]], 1), train_idx=small)
     assert useful["nonlinear_fvu_after"] < 0.8 * useful["nonlinear_fvu"]
+
+
+def test_reductions_token_by_token_and_their_difference_over_contexts():
+    import numpy as np
+
+    from sae_repro.sae import SAEConfig, SparseAutoencoder
+    from sae_repro.scaling import (
+        Reduction,
+        pursuit_gain_and_reduction,
+        reduction_difference,
+        ridge_nonlinear_and_reduction,
+    )
+
+    x, x_hat, preds, context = _earlier_case()
+    half = torch.randperm(N, generator=torch.Generator().manual_seed(1))[: N // 2]
+    ridge, red = ridge_nonlinear_and_reduction(x, x_hat, preds["relu(a)"], train_idx=half, context=context)
+    assert red.value == pytest.approx(1 - ridge["nonlinear_fvu_after"] / ridge["nonlinear_fvu"], rel=1e-9)
+    sae = SparseAutoencoder(SAEConfig(d_in=D, n_latents=32, k=3), seed=0).eval()
+    gain, gp = pursuit_gain_and_reduction(sae, x[:400], context[:400])
+    assert gp.value == pytest.approx(gain["nonlinear_gain"], abs=1e-6)
+    d, (lo, hi) = reduction_difference(red, gp)
+    assert d == pytest.approx(red.value - gp.value) and lo < d < hi
+    # by hand: every context halves its error under a, removes a quarter under b -> 0.25, a point
+    ctx = np.repeat(np.arange(10), 3)
+    a = Reduction(np.ones(30), np.full(30, 0.5), ctx)
+    b = Reduction(np.ones(20) * 2, np.full(20, 1.5), np.repeat(np.arange(10), 2))  # other tokens, same contexts
+    d, (lo, hi) = reduction_difference(a, b)
+    assert d == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)

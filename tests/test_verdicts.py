@@ -240,6 +240,20 @@ def test_earlier_components(together, single, pursuit, want):
     assert _v(V.earlier_components(together, single, pursuit)) == want
 
 
+# with the interval of together - pursuit: beats pursuit when it lies above 0
+@pytest.mark.parametrize("together, single, ci, want", [
+    (0.2, [0.05], (0.01, 0.2), "reproduced"),
+    (0.2, [0.05], (-0.1, 0.0), "not reproduced"),      # at or below 0: not more
+    (0.2, [0.05], (-0.01, 0.2), "inconclusive"),       # reproduced or not reproduced
+    (0.2, [0.15], (-0.01, 0.2), "inconclusive"),       # reproduced or partly (a single beats 0.1)
+    (-0.05, [0.0], (0.01, 0.2), "not reproduced"),     # beats pursuit but reduces nothing
+])
+def test_earlier_components_with_an_interval(together, single, ci, want):
+    v = V.earlier_components(together, single, 0.1, ci)
+    assert v.verdict == want and v.interval == ci
+    assert (want == "inconclusive") == ("straddles 0" in v.note)
+
+
 @pytest.mark.parametrize("diag, off, want", [
     ((0.9, 0.81), (0.1, -0.49), "reproduced"),
     ((0.9, 0.8), (0.1, 0.1), "partly"),            # 0.8 is not > 0.8
