@@ -417,6 +417,7 @@ class PerTokenScaling:
     n_test: int
     test_idx: Tensor | None = None  # [n_test] the scored tokens
     pair_without: tuple[Tensor, Tensor] | None = None  # held-out (||SaeError_j||, its prediction)
+    pair_with: tuple[Tensor, Tensor] | None = None  # ... and its prediction with ||NonlinearError_i||
 
     def row(self) -> dict[str, float | int | None]:
         """The scalar fields, for a table."""
@@ -451,6 +452,7 @@ def per_token_scaling(
     full = linear_error_fit(torch.cat([a, b], 1), y, bias=True, train_idx=base.train_idx)
     r0, r1 = base.r2_total_test, full.r2_total_test
     share = (r1 - r0) / (1 - r0) if r0 < 1 else float("nan")
+    held["pair_with"] = (y[te, 0], full.predict(torch.cat([a, b], 1)[te])[:, 0])
     return PerTokenScaling(r0, r1, share, base.n_train, base.n_test, **held)
 
 

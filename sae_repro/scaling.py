@@ -10,7 +10,9 @@ For SAEs of several widths at one k and one training budget, scored on the same 
 - flat ratio: the nonlinear FVU's relative drop from the narrowest to the widest SAE over the
   FVU's (`verdicts.flat_ratio`; "the nonlinear FVU stays flat" is a ratio near 0);
 - same tokens: the median over width pairs of the R^2 of the larger SAE's per-token error norm
-  from the smaller one's (`decomposition.per_token_scaling`).
+  from the smaller one's (`decomposition.per_token_scaling`);
+- nonlinear norm helps: the median over width pairs of the share of that R^2's remaining
+  variance that the smaller SAE's nonlinear error norm removes as a second regressor.
 And `pursuit_gain`: what gradient pursuit on an SAE's own decoder changes (nonlinear FVU, FVU).
 The regressions are fitted once; the intervals resample the scored tokens by context
 (`intervals.r2_bootstrap`), the statistic recomputed from every prediction's R^2 jointly. Run at
@@ -45,13 +47,15 @@ class HeadlineScores:
     flat_ratio_interval: tuple[float, float]
     same_tokens_r2: float  # median over the width pairs
     same_tokens_r2_interval: tuple[float, float]
+    helps_share: float  # median over the width pairs
+    helps_share_interval: tuple[float, float]
     summaries: dict[int, ErrorSummary] = field(repr=False)
     pairs: dict[tuple[int, int], PerTokenScaling] = field(repr=False)
 
     def row(self) -> dict[str, float]:
         """The numbers and interval ends as flat columns (name, name_lo, name_hi)."""
         out = {}
-        for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2"):
+        for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2", "helps_share"):
             lo, hi = getattr(self, f"{name}_interval")
             out |= {name: getattr(self, name), f"{name}_lo": lo, f"{name}_hi": hi}
         return out
@@ -63,6 +67,13 @@ def _flat_ratio_from_r2(r: np.ndarray) -> float:
     f_n, nl_n, f_w, nl_w = 1 - r
     d_fvu = (f_n - f_w) / f_n
     return float(((nl_n - nl_w) / nl_n) / d_fvu) if d_fvu > 0 else float("nan")
+
+
+def _helps_share_from_r2(r: np.ndarray) -> float:
+    """r: pooled R^2 [without_1, with_1, without_2, with_2, ...] -> the median over the pairs of
+    (with - without) / (1 - without)."""
+    r0, r1 = r[0::2], r[1::2]
+    return float(np.median(np.where(r0 < 1, (r1 - r0) / np.where(r0 < 1, 1 - r0, 1.0), np.nan)))
 
 
 def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, context: Tensor,
@@ -96,7 +107,10 @@ def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, co
              for a, wi in enumerate(widths) for wj in widths[a + 1:]}
     pair_ctx = ctx[next(iter(pairs.values())).test_idx]
     same, same_ci = r2_bootstrap([p.pair_without for p in pairs.values()], pair_ctx, np.median, seed=seed)
-    return HeadlineScores(vec, vec_ci, norm, norm_ci, flat, flat_ci, same, same_ci, summaries, pairs)
+    both = [q for p in pairs.values() for q in (p.pair_without, p.pair_with)]
+    helps, helps_ci = r2_bootstrap(both, pair_ctx, _helps_share_from_r2, seed=seed)
+    return HeadlineScores(vec, vec_ci, norm, norm_ci, flat, flat_ci, same, same_ci, helps, helps_ci,
+                          summaries, pairs)
 
 
 @dataclass

@@ -240,15 +240,23 @@ def same_tokens(r2_without: Sequence[float], interval: tuple[float, float] | Non
                             "(partly: >= 0.4)", note, ci)
 
 
-def nonlinear_norm_helps(share_removed: Sequence[float]) -> Verdict:
+def nonlinear_norm_helps(share_removed: Sequence[float], interval: tuple[float, float] | None = None) -> Verdict:
     """"The nonlinear error norm helps predict per-token scaling." share_removed: per width pair,
-    the share of the remaining variance that adding ||NonlinearError_i|| removes."""
+    the share of the remaining variance that adding ||NonlinearError_i|| removes. interval: the
+    95% interval of their median (`scaling.headline_scores`); the verdict is then the grade of
+    the whole interval, inconclusive where its ends grade differently."""
     s = _floats(share_removed, "share_removed")
-    med = _median(s, "share_removed")
-    verdict = ("reproduced" if (s > 0).all() and med >= NONLINEAR_HELPS_SHARE else
-               "partly" if med > 0 else "not reproduced")
-    return Verdict(verdict, "criterion (ours): positive for every pair and >= 5% at the median "
-                            "(partly: median > 0)")
+    all_positive = bool((s > 0).all())
+
+    def grade(med: float) -> str:
+        return ("reproduced" if all_positive and med >= NONLINEAR_HELPS_SHARE else
+                "partly" if med > 0 else "not reproduced")
+
+    why = "criterion (ours): positive for every pair and >= 5% at the median (partly: median > 0)"
+    # the 5% boundary matters only where every pair is positive
+    bounds = (0.0, NONLINEAR_HELPS_SHARE) if all_positive else (0.0,)
+    verdict, note, ci = _graded(grade, _median(s, "share_removed"), interval, bounds)
+    return Verdict(verdict, why, note, ci)
 
 
 def across_layers(verdicts: Sequence[str | Verdict]) -> Verdict:

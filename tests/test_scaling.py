@@ -33,12 +33,15 @@ def test_headline_numbers_equal_their_definitions_with_intervals_around_them():
     e = {w: (d.test.sae_error.norm(dim=1), d.test.nonlinear.norm(dim=1)) for w, d in direct.items()}
     r2s = sorted(per_token_scaling(e[a][0], e[b][0], e[a][1]).r2_without for a, b in ((64, 128), (64, 256), (128, 256)))
     assert s.same_tokens_r2 == pytest.approx(r2s[1], abs=1e-6)
-    for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2"):
+    shares = sorted(per_token_scaling(e[a][0], e[b][0], e[a][1]).share_removed
+                    for a, b in ((64, 128), (64, 256), (128, 256)))
+    assert s.helps_share == pytest.approx(shares[1], abs=1e-6)
+    for name in ("vector_r2", "norm_r2", "flat_ratio", "same_tokens_r2", "helps_share"):
         lo, hi = getattr(s, f"{name}_interval")
         assert lo < getattr(s, name) < hi, name
     # the nonlinear FVU is flat here while the FVU falls: a ratio near 0, an interval around it
     assert abs(s.flat_ratio) < 0.1 and s.flat_ratio_interval[1] - s.flat_ratio_interval[0] < 0.3
-    assert set(s.row()) >= {"vector_r2_lo", "same_tokens_r2_hi"}
+    assert set(s.row()) >= {"vector_r2_lo", "same_tokens_r2_hi", "helps_share_lo"}
 
 
 def test_headline_scores_input_errors():

@@ -133,6 +133,20 @@ def test_nonlinear_norm_helps(shares, want):
     assert _v(V.nonlinear_norm_helps(shares)) == want
 
 
+# with the interval of the median share: its whole interval graded (boundaries 0 and 5%)
+@pytest.mark.parametrize("shares, ci, want", [
+    ([0.06, 0.1], (0.051, 0.2), "reproduced"),
+    ([0.06, 0.1], (0.03, 0.2), "inconclusive"),       # straddles 5%: reproduced or partly
+    ([0.06, 0.1], (0.01, 0.049), "partly"),
+    ([0.06, 0.1], (-0.01, 0.049), "inconclusive"),    # straddles 0
+    ([-0.01, 0.1, 0.2], (0.03, 0.2), "partly"),       # not every pair positive: 5% does not matter
+    ([-0.2, -0.1], (-0.3, -0.01), "not reproduced"),
+])
+def test_nonlinear_norm_helps_with_an_interval(shares, ci, want):
+    v = V.nonlinear_norm_helps(shares, ci)
+    assert v.verdict == want and v.interval == ci
+
+
 def test_across_layers():
     assert _v(V.across_layers(["reproduced", "reproduced"])) == "reproduced"
     assert _v(V.across_layers(["not reproduced", "not reproduced (the FVU does not fall)"])) == "not reproduced"
