@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from sae_repro.decomposition import decompose, linear_error_fit
+from sae_repro.intervals import context_bootstrap
 from sae_repro.metrics import fvu
 
 # ----------------------------------------------------------------------------- activations
@@ -159,6 +160,32 @@ class NoiseCorrelation:
 
     table: pd.DataFrame
     grid: pd.DataFrame
+    columns: tuple[str, str] = ("linear_error_sq_norm", "nonlinear_error_sq_norm")  # grid's measured errors
+
+    def diagonal_intervals(self, *, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+        """The table's summary with 95% intervals, the grid points resampled (a pairs
+        bootstrap): "diagonal" = the smaller of corr(activation noise, linear error) and
+        corr(reconstruction noise, nonlinear error); "off_diagonal" = the larger |r| of the other
+        two. -> {name: (value, lo, hi)}."""
+        g = self.grid[["activation_noise", "reconstruction_noise", *self.columns]].to_numpy(np.float64)
+        out = {}
+        for name, stat in (("diagonal", _diagonal), ("off_diagonal", _off_diagonal)):
+            lo, hi = context_bootstrap(stat, g, seed=seed)
+            out[name] = (stat(g), lo, hi)
+        return out
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+
+
+def _diagonal(g: np.ndarray) -> float:
+    """g: grid rows [activation noise, reconstruction noise, linear, nonlinear]."""
+    return float(np.min([_corr(g[:, 0], g[:, 2]), _corr(g[:, 1], g[:, 3])]))  # NaN stays NaN
+
+
+def _off_diagonal(g: np.ndarray) -> float:
+    return float(np.max(np.abs([_corr(g[:, 0], g[:, 3]), _corr(g[:, 1], g[:, 2])])))
 
 
 def _mean_sq_norm(t: Tensor) -> float:
@@ -243,4 +270,4 @@ def noise_correlation_table(
         index=list(planted),
         columns=list(cols),
     )
-    return NoiseCorrelation(table=table, grid=grid)
+    return NoiseCorrelation(table=table, grid=grid, columns=tuple(cols.values()))

@@ -423,15 +423,31 @@ _EARLIER_WHY = ("criterion: the three SAE outputs together reduce it, by more th
 
 
 def synthetic_noise(activation_to_linear: float, reconstruction_to_nonlinear: float,
-                    activation_to_nonlinear: float, reconstruction_to_linear: float) -> Verdict:
+                    activation_to_nonlinear: float, reconstruction_to_linear: float,
+                    intervals: tuple[tuple[float, float], tuple[float, float]] | None = None) -> Verdict:
     """"Planted noise lands where it should": correlations of each planted noise scale with the
     estimated linear / nonlinear error. reproduced: both diagonal > SYNTHETIC_DIAGONAL and both
-    abs(off-diagonal) < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY."""
+    abs(off-diagonal) < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY.
+
+    intervals: the 95% intervals of the smaller diagonal and the larger |off-diagonal|
+    (`synthetic.NoiseCorrelation.diagonal_intervals`); the verdict is then the one both the worst
+    (lowest diagonal, highest off-diagonal) and the best ends give, else inconclusive. The
+    interval reported is the diagonal's."""
+    def grade(diag: float, off: float) -> str:
+        return ("reproduced" if diag > SYNTHETIC_DIAGONAL and off < SYNTHETIC_OFF_DIAGONAL else
+                "partly" if diag > SYNTHETIC_DIAGONAL_PARTLY else "not reproduced")
+
+    why = "criterion: both diagonal correlations > 0.8 and both off-diagonal |r| < 0.5"
     diag = min(activation_to_linear, reconstruction_to_nonlinear)
     off = max(abs(activation_to_nonlinear), abs(reconstruction_to_linear))
-    verdict = ("reproduced" if diag > SYNTHETIC_DIAGONAL and off < SYNTHETIC_OFF_DIAGONAL else
-               "partly" if diag > SYNTHETIC_DIAGONAL_PARTLY else "not reproduced")
-    return Verdict(verdict, "criterion: both diagonal correlations > 0.8 and both off-diagonal |r| < 0.5")
+    if intervals is None:
+        return Verdict(grade(diag, off), why)
+    (d_lo, d_hi), (o_lo, o_hi) = ((float(a), float(b)) for a, b in intervals)
+    worst, best = grade(d_lo, o_hi), grade(d_hi, o_lo)  # NaN compares false: the worst grade
+    if worst == best and not np.isnan([d_lo, d_hi, o_lo, o_hi]).any():
+        return Verdict(worst, why, interval=(d_lo, d_hi))
+    return Verdict("inconclusive", why, f"the intervals (diagonal [{d_lo:.3g}, {d_hi:.3g}], off-diagonal "
+                   f"[{o_lo:.3g}, {o_hi:.3g}]) allow {worst} or {best}", (d_lo, d_hi))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -631,20 +647,28 @@ def compare_means(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> s
     return "higher" if diff > CLEAR_SE * se else "lower" if diff < -CLEAR_SE * se else "no clear difference"
 
 
-def gsae_steering(calls: Sequence[str]) -> Verdict:
+def mean_difference_interval(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> tuple[float, float]:
+    """mean_a - mean_b -+ CLEAR_SE standard errors of the difference: the interval `compare_means`
+    decides on (independent samples; ~95% for a normal difference)."""
+    diff, se = mean_a - mean_b, (sem_a ** 2 + sem_b ** 2) ** 0.5
+    return diff - CLEAR_SE * se, diff + CLEAR_SE * se
+
+
+def gsae_steering(calls: Sequence[str], interval: tuple[float, float] | None = None) -> Verdict:
     """"g-SAE latents steer the model more effectively." calls: `compare_means` of g-SAE vs TopK
     latents on each steering metric. reproduced: higher on every metric; partly: higher on one and
-    lower on none."""
+    lower on none. interval: that of the first metric's difference (`mean_difference_interval`),
+    reported with the verdict (the calls already decide on it)."""
     why = ("criterion: difference of means beyond 2 standard errors on both metrics (partly: on one, "
            "and lower on none)")
     if not calls:
         raise ValueError("calls: expected one per steering metric, got none")
     if all(c == "higher" for c in calls):
-        return Verdict("reproduced", why)
+        return Verdict("reproduced", why, interval=interval)
     if "higher" in calls and "lower" not in calls:
-        return Verdict("partly", why)
+        return Verdict("partly", why, interval=interval)
     unclear = all(c == "no clear difference" for c in calls)
-    return Verdict("not reproduced", why, "no clear difference" if unclear else "")
+    return Verdict("not reproduced", why, "no clear difference" if unclear else "", interval)
 
 
 def gsae_interpretable(difference: float, interval: tuple[float, float]) -> Verdict:

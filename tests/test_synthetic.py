@@ -86,6 +86,12 @@ def test_noise_correlation_table_diagonal():
     # reconstruction noise is independent of x: the linear error stays tiny
     rec_only = res.grid.query("activation_noise == 0 and reconstruction_noise == 2").iloc[0]
     assert rec_only.linear_error_sq_norm < 0.05 * rec_only.nonlinear_error_sq_norm
+    # the summary with intervals over the grid points: the table's numbers, inside their intervals
+    ci = res.diagonal_intervals(seed=0)
+    assert ci["diagonal"][0] == pytest.approx(min(diag)) and ci["off_diagonal"][0] == pytest.approx(max(map(abs, off)))
+    for value, lo, hi in ci.values():
+        assert lo <= value <= hi
+    assert ci["diagonal"][1] > 0.5 and ci == res.diagonal_intervals(seed=0)
 
 
 def test_activation_noise_leak_into_nonlinear_saturates():

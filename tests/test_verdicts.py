@@ -278,6 +278,20 @@ def test_synthetic_noise(diag, off, want):
     assert _v(V.synthetic_noise(diag[0], diag[1], off[0], off[1])) == want
 
 
+@pytest.mark.parametrize("diag_ci, off_ci, want", [
+    ((0.85, 0.95), (0.1, 0.45), "reproduced"),
+    ((0.75, 0.95), (0.1, 0.45), "inconclusive"),   # the diagonal straddles 0.8: reproduced or partly
+    ((0.85, 0.95), (0.4, 0.6), "inconclusive"),    # the off-diagonal straddles 0.5
+    ((0.6, 0.79), (0.6, 0.7), "partly"),           # both readings partly (diagonal > 0.5, below 0.8)
+    ((0.1, 0.4), (0.1, 0.2), "not reproduced"),
+    ((NAN, NAN), (0.1, 0.2), "inconclusive"),
+])
+def test_synthetic_noise_with_intervals(diag_ci, off_ci, want):
+    v = V.synthetic_noise(0.9, 0.9, 0.1, 0.1, (diag_ci, off_ci))
+    assert v.verdict == want
+    assert v.interval == (None if diag_ci[0] != diag_ci[0] else diag_ci)
+
+
 @pytest.mark.parametrize("r2_all, r2_mid, want", [
     (0.95, 0.98, "reproduced"), (0.949, 0.98, "partly"), (0.95, 0.979, "partly"),
     (0.9, NAN, "not reproduced"), (0.96, NAN, "partly"),
@@ -523,3 +537,13 @@ def test_a_fixed_l0_premise_with_a_target_per_sae(l0, want):
         V.at_fixed_l0(v, l0, [8.0, 64.0])
     with pytest.raises(ValueError, match="target"):
         V.at_fixed_l0(v, l0, [8.0, 8.0, float("nan"), 64.0])
+
+
+def test_the_steering_interval_is_the_one_compare_means_decides_on():
+    lo, hi = V.mean_difference_interval(0.5, 0.03, 0.3, 0.04)  # difference 0.2, SE 0.05
+    assert (lo, hi) == (pytest.approx(0.2 - V.CLEAR_SE * 0.05), pytest.approx(0.2 + V.CLEAR_SE * 0.05))
+    assert V.compare_means(0.5, 0.03, 0.3, 0.04) == ("higher" if lo > 0 else "no clear difference")
+    assert V.compare_means(0.5, 0.09, 0.3, 0.12) == "no clear difference"  # SE 0.15: the interval holds 0
+    assert V.mean_difference_interval(0.5, 0.09, 0.3, 0.12)[0] < 0
+    v = V.gsae_steering(["higher", "no clear difference"], (lo, hi))
+    assert v.verdict == "partly" and v.interval == (lo, hi)
