@@ -161,7 +161,8 @@ def gain_at_equal_l0(losses: ContextLosses, runs: dict[str, float], reference: d
     out: dict[str, object] = {"gains": g, "n_in_reach": int(reach.sum()),
                               "mean_gain": float(g[reach].mean()) if reach.any() else float("nan")}
     if reach.any():
-        lo, hi = context_bootstrap(lambda *a: float(np.nanmean(gains(*a)[reach])), *arrays, seed=seed)
+        # the runs in reach are fixed by the L0s; a NaN on a resample carries through
+        lo, hi = context_bootstrap(lambda *a: float(gains(*a)[reach].mean()), *arrays, seed=seed)
     else:
         lo = hi = float("nan")
     return out | {"mean_gain_lo": lo, "mean_gain_hi": hi}

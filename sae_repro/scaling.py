@@ -73,7 +73,8 @@ def _helps_share_from_r2(r: np.ndarray) -> float:
     """r: pooled R^2 [without_1, with_1, without_2, with_2, ...] -> the median over the pairs of
     (with - without) / (1 - without)."""
     r0, r1 = r[0::2], r[1::2]
-    return float(np.median(np.where(r0 < 1, (r1 - r0) / np.where(r0 < 1, 1 - r0, 1.0), np.nan)))
+    # NaN (a pair fully explained without it) left out, as the table's median does
+    return float(np.nanmedian(np.where(r0 < 1, (r1 - r0) / np.where(r0 < 1, 1 - r0, 1.0), np.nan)))
 
 
 def headline_scores(x: Tensor, x_hats: dict[int, Tensor], *, main_width: int, context: Tensor,

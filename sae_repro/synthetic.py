@@ -156,36 +156,54 @@ def inject_noise(
 @dataclass
 class NoiseCorrelation:
     """table: 2x2 Pearson correlations (rows: planted noise, columns: measured error);
-    grid: one row per (activation, reconstruction) scale pair, for plotting."""
+    grid: one row per (activation, reconstruction) scale pair, for plotting; sums: the held-out
+    tokens' squared norms summed over BOOTSTRAP_GROUPS random groups of tokens, per grid point
+    ({"count", "error", "linear", "nonlinear", "centered"}: [groups, points]), what
+    `diagonal_intervals` resamples; measure: what the table correlates."""
 
     table: pd.DataFrame
     grid: pd.DataFrame
-    columns: tuple[str, str] = ("linear_error_sq_norm", "nonlinear_error_sq_norm")  # grid's measured errors
+    sums: dict[str, np.ndarray]
+    measure: str = "sq_norm"
 
     def diagonal_intervals(self, *, seed: int = 0) -> dict[str, tuple[float, float, float]]:
-        """The table's summary with 95% intervals, the grid points resampled (a pairs
-        bootstrap): "diagonal" = the smaller of corr(activation noise, linear error) and
-        corr(reconstruction noise, nonlinear error); "off_diagonal" = the larger |r| of the other
-        two. -> {name: (value, lo, hi)}."""
-        g = self.grid[["activation_noise", "reconstruction_noise", *self.columns]].to_numpy(np.float64)
+        """The table's summary with 95% intervals, the held-out tokens resampled (in their random
+        groups, the same tokens at every grid point: the noise draws stay fixed): "diagonal" =
+        the smaller of corr(activation noise, linear error) and corr(reconstruction noise,
+        nonlinear error); "off_diagonal" = the larger |r| of the other two. -> {name: (value, lo, hi)}."""
+        planted = self.grid[["activation_noise", "reconstruction_noise"]].to_numpy(np.float64)
+        names = ("count", "error", "linear", "nonlinear", "centered")
         out = {}
-        for name, stat in (("diagonal", _diagonal), ("off_diagonal", _off_diagonal)):
-            lo, hi = context_bootstrap(stat, g, seed=seed)
-            out[name] = (stat(g), lo, hi)
+        for name, pick in (("diagonal", _diagonal), ("off_diagonal", _off_diagonal)):
+            def stat(*s: np.ndarray, pick=pick) -> float:
+                return pick(planted, *_measured(dict(zip(names, s)), self.measure))
+            lo, hi = context_bootstrap(stat, *(self.sums[n] for n in names), seed=seed)
+            out[name] = (stat(*(self.sums[n] for n in names)), lo, hi)
         return out
+
+
+BOOTSTRAP_GROUPS = 400  # held-out tokens are i.i.d.: resampled in this many random groups
+
+
+def _measured(sums: dict[str, np.ndarray], measure: str) -> tuple[np.ndarray, np.ndarray]:
+    """(linear, nonlinear) per grid point from the group sums [groups, points] (the grid's columns)."""
+    t = {k: v.sum(0) for k, v in sums.items()}
+    if measure == "sq_norm":
+        return t["linear"] / t["count"], t["nonlinear"] / t["count"]
+    return (t["error"] - t["nonlinear"]) / t["centered"], t["nonlinear"] / t["centered"]
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
 
 
-def _diagonal(g: np.ndarray) -> float:
-    """g: grid rows [activation noise, reconstruction noise, linear, nonlinear]."""
-    return float(np.min([_corr(g[:, 0], g[:, 2]), _corr(g[:, 1], g[:, 3])]))  # NaN stays NaN
+def _diagonal(planted: np.ndarray, linear: np.ndarray, nonlinear: np.ndarray) -> float:
+    """planted [points, 2] (activation, reconstruction scales); linear, nonlinear [points]."""
+    return float(np.min([_corr(planted[:, 0], linear), _corr(planted[:, 1], nonlinear)]))  # NaN stays NaN
 
 
-def _off_diagonal(g: np.ndarray) -> float:
-    return float(np.max(np.abs([_corr(g[:, 0], g[:, 3]), _corr(g[:, 1], g[:, 2])])))
+def _off_diagonal(planted: np.ndarray, linear: np.ndarray, nonlinear: np.ndarray) -> float:
+    return float(np.max(np.abs([_corr(planted[:, 0], nonlinear), _corr(planted[:, 1], linear)])))
 
 
 def _mean_sq_norm(t: Tensor) -> float:
@@ -193,13 +211,17 @@ def _mean_sq_norm(t: Tensor) -> float:
     return float(t.double().pow(2).sum(1).mean())
 
 
-def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor, test_idx: Tensor) -> dict[str, float]:
-    """Fit the linear error on train tokens; measure everything on the held-out tokens."""
+def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor,
+                test_idx: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """Fit the linear error on train tokens; measure everything on the held-out tokens
+    -> (the grid row, per held-out token squared norms of error, linear, nonlinear, x - mean)."""
     fit = linear_error_fit(x, x - x_hat, train_idx=train_idx)
     xt, xht = x[test_idx], x_hat[test_idx]
     dec = decompose(xt, xht, fit)
     fvu_sae, fvu_nonlin = fvu(xt, xht), fvu(xt, xht + dec.linear)
-    return {
+    sq = {"error": dec.sae_error, "linear": dec.linear, "nonlinear": dec.nonlinear,
+          "centered": xt - xt.double().mean(0)}
+    row = {
         "sae_error_sq_norm": _mean_sq_norm(dec.sae_error),
         "linear_error_sq_norm": _mean_sq_norm(dec.linear),
         "nonlinear_error_sq_norm": _mean_sq_norm(dec.nonlinear),
@@ -208,6 +230,7 @@ def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor, test_idx: Tensor) -
         "fvu_linear": fvu_sae - fvu_nonlin,  # the paper's "linear estimate": FVU drop from adding LinearError
         "r2_per_dim_test": fit.r2_per_dim_test,
     }
+    return row, {k: v.double().pow(2).sum(1) for k, v in sq.items()}
 
 
 def noise_correlation_table(
@@ -251,14 +274,20 @@ def noise_correlation_table(
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_train = int(round(train_frac * n))
     train_idx, test_idx = perm[:n_train].sort().values, perm[n_train:].sort().values
-    rows = []
+    group = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(seed + 1)) % BOOTSTRAP_GROUPS
+    rows, sums = [], {k: [] for k in ("error", "linear", "nonlinear", "centered")}
     for k, (s_a, s_r) in enumerate(itertools.product(scales, scales)):
         x, x_hat = inject_noise(
             base_x, base_x_hat, activation_noise=s_a, reconstruction_noise=s_r, seed=seed * 100_003 + k
         )
-        point = _grid_point(x, x_hat, train_idx, test_idx)
+        point, sq = _grid_point(x, x_hat, train_idx, test_idx)
         rows.append({"activation_noise": s_a, "reconstruction_noise": s_r, **point})
+        for name, v in sq.items():
+            sums[name].append(torch.zeros(BOOTSTRAP_GROUPS, dtype=torch.float64).index_add_(0, group, v).numpy())
     grid = pd.DataFrame(rows)
+    groups = {k: np.stack(v, 1) for k, v in sums.items()}  # [groups, points]
+    groups["count"] = np.repeat(np.bincount(group.numpy(), minlength=BOOTSTRAP_GROUPS)[:, None].astype(np.float64),
+                                len(rows), 1)
     cols = (
         {"linear error": "linear_error_sq_norm", "nonlinear error": "nonlinear_error_sq_norm"}
         if measure == "sq_norm"
@@ -270,4 +299,4 @@ def noise_correlation_table(
         index=list(planted),
         columns=list(cols),
     )
-    return NoiseCorrelation(table=table, grid=grid, columns=tuple(cols.values()))
+    return NoiseCorrelation(table=table, grid=grid, sums=groups, measure=measure)

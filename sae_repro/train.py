@@ -779,7 +779,8 @@ def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
         rank = np.empty(len(uniques), dtype=np.int64)
         rank[order] = np.arange(len(uniques))
         codes = torch.from_numpy(rank[np.searchsorted(uniques, context.numpy())])
-        per_ctx = torch.zeros(len(uniques), sae.cfg.n_latents, dtype=torch.float64)
+        # counts on the SAE's device (exact in float32 up to 2^24 tokens per context)
+        per_ctx = torch.zeros(len(uniques), sae.cfg.n_latents, device=sae.W_dec.device)
     x_hats, l0s, counts, l0_sum = [], [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
     i = 0
     for xb, out in _eval_batches(sae, x, grads, batch_size):
@@ -789,7 +790,7 @@ def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
         l0_sum += l0(dense) * len(xb)
         l0s.append(out.codes.active_per_token().cpu())
         if codes is not None:
-            per_ctx.index_add_(0, codes[i:i + len(xb)], (dense != 0).double().cpu())
+            per_ctx.index_add_(0, codes[i:i + len(xb)].to(per_ctx.device), (dense != 0).float())
         i += len(xb)
     x_hat = torch.cat(x_hats)
     n = x.shape[0]
@@ -799,6 +800,6 @@ def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
            "dense_fraction": dense_fraction(density), "n_tokens": n, "density": density,
            "x_hat": x_hat, "l0_per_token": torch.cat(l0s)}
     if codes is not None:
-        out["firings_per_context"] = per_ctx.numpy()
+        out["firings_per_context"] = per_ctx.double().cpu().numpy()
         out["tokens_per_context"] = np.bincount(codes.numpy(), minlength=len(per_ctx)).astype(np.float64)
     return out

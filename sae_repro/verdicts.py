@@ -137,7 +137,7 @@ def _graded(grade: Callable[[float], str], value: float, interval: tuple[float, 
     if interval is None:
         return grade(value), "", None
     lo, hi = float(interval[0]), float(interval[1])
-    crossed = [t for t in thresholds if lo <= t <= hi]
+    crossed = [t for t in thresholds if lo <= t <= hi]  # an end on a boundary touches it: undecided
     if np.isnan(lo) or np.isnan(hi):
         return "inconclusive", "no interval (NaN)", (lo, hi)
     if crossed or grade(lo) != grade(hi):
@@ -326,9 +326,13 @@ def _two_readings(n_sure: int, n_possible: int, n: int, grade: Callable[[int, in
     fail, grade(n_possible, n) where they all pass; the same word -> that verdict, else
     inconclusive (noting how many straddle)."""
     low, high = grade(n_sure, n), grade(n_possible, n)
+    undefined = interval is not None and bool(np.isnan(np.asarray(interval, dtype=float)).any())
     if low == high:
-        return Verdict(low, why, interval=interval)
-    return Verdict("inconclusive", why, f"{n_possible - n_sure} of {n} {straddle_note}", interval)
+        return Verdict(low, why, "95% interval undefined (NaN on some resample)" if undefined else "",
+                       interval=interval)
+    note = f"{n_possible - n_sure} of {n} {straddle_note}"
+    return Verdict("inconclusive", why, note + ("; 95% interval undefined (NaN on some resample)" if undefined else ""),
+                   interval)
 
 
 def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float],
@@ -411,6 +415,9 @@ def earlier_components(all_three: float, single: Sequence[float], pursuit: float
     if interval is None:
         return verdict(all_three > pursuit)
     lo, hi = float(interval[0]), float(interval[1])
+    if np.isnan(lo) or np.isnan(hi):
+        return Verdict("inconclusive", _EARLIER_WHY, "the 95% interval of together - pursuit is undefined "
+                       "(NaN on some resample)")
     low, high = verdict(lo > 0), verdict(not hi <= 0)
     if low.verdict == high.verdict:
         return low
@@ -460,7 +467,7 @@ def zipf_law(r2_all: float, r2_middle: float,
     the fit on the middle ranks (NaN: too few middle ranks). reproduced: both thresholds; partly: one.
 
     intervals: the 95% intervals of the two (`zipf.zipf_bootstrap`). A threshold is then met
-    when its whole interval lies at or above it, missed when wholly below (or the R^2 is NaN);
+    when its whole interval lies above it, missed when wholly below (or the R^2 is NaN);
     the verdict is the one both readings of a straddling (or NaN) interval give, else
     inconclusive. The interval reported is the overall R^2's."""
     why = "criterion: overall R^2 >= 0.95 and middle R^2 >= 0.98 (partly: one of them)"
@@ -468,8 +475,9 @@ def zipf_law(r2_all: float, r2_middle: float,
     if intervals is None:
         return Verdict(_by_count(int((values >= thresholds).sum()), 2), why)
     ci = np.asarray(intervals, dtype=float).reshape(2, 2)
-    sure = ci[:, 0] >= thresholds
-    possibly = ~(ci[:, 1] < thresholds) & ~np.isnan(values)  # a NaN bound leaves it undecided
+    # as `_graded`: an interval that touches a threshold is undecided; a NaN bound too
+    sure = (ci[:, 0] > thresholds) & ~np.isnan(values)
+    possibly = ~(ci[:, 1] < thresholds) & ~np.isnan(values)
     return _two_readings(int(sure.sum()), int(possibly.sum()), 2, _by_count, why,
                          "R^2 95% intervals straddle their threshold", tuple(ci[0]))
 

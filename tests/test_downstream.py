@@ -71,7 +71,21 @@ def test_compare_splices_is_paired_over_contexts():
     assert c["kl_diff_lo"] == pytest.approx(-0.1) and c["kl_diff_hi"] == pytest.approx(-0.1)
 
 
-def test_gain_at_equal_l0_reads_the_reference_curve_and_is_paired():
+def test_gain_at_equal_l0_resamples_the_reference_with_the_runs():
+    # TopK's curve moves from context to context and MC rides 0.05 above it in every one: a
+    # paired bootstrap (the curve redrawn on each resample) gives exactly 0.05; resampling the
+    # reference apart from the runs would not
+    names = ("clean", ZERO, "t10", "t40", "m20")
+    t10, t40 = np.array([0.3, 0.5, 0.7, 0.4]), np.array([0.5, 0.9, 0.8, 0.6])
+    rec = {"t10": t10, "t40": t40, "m20": (t10 + t40) / 2 + 0.05}
+    ce = np.array([[10.0] * 4, [20.0] * 4] + [20.0 - 10.0 * rec[n] for n in names[2:]])
+    g = gain_at_equal_l0(ContextLosses(names, ce, np.zeros_like(ce), 10), {"m20": 20.0},
+                         {"t10": 10.0, "t40": 40.0}, seed=0)
+    assert g["mean_gain"] == pytest.approx(0.05)
+    assert g["mean_gain_lo"] == pytest.approx(0.05) and g["mean_gain_hi"] == pytest.approx(0.05)
+
+
+def test_gain_at_equal_l0_reads_the_reference_curve():
     # TopK at L0 10 and 40 recovers 0.5 and 0.8 in every context; MC at L0 20 (halfway in log L0:
     # the curve reads 0.65) recovers 0.7, at L0 100 (out of reach) anything
     names = ("clean", ZERO, "t10", "t40", "m20", "m100")

@@ -128,9 +128,16 @@ def test_reductions_token_by_token_and_their_difference_over_contexts():
     assert gp.value == pytest.approx(gain["nonlinear_gain"], abs=1e-6)
     d, (lo, hi) = reduction_difference(red, gp)
     assert d == pytest.approx(red.value - gp.value) and lo < d < hi
-    # by hand: every context halves its error under a, removes a quarter under b -> 0.25, a point
-    ctx = np.repeat(np.arange(10), 3)
-    a = Reduction(np.ones(30), np.full(30, 0.5), ctx)
-    b = Reduction(np.ones(20) * 2, np.full(20, 1.5), np.repeat(np.arange(10), 2))  # other tokens, same contexts
+    # by hand, paired: context c's reduction is r_c under a and r_c - 0.25 under b (other tokens of
+    # the same contexts), with r_c varying: resampled together the difference is 0.25 on every
+    # resample; resampled apart it would not be
+    r = np.linspace(0.3, 0.9, 10)
+    a = Reduction(np.ones(30), np.repeat(1 - r, 3), np.repeat(np.arange(10), 3))
+    b = Reduction(np.ones(20), np.repeat(1.25 - r, 2), np.repeat(np.arange(10), 2))
     d, (lo, hi) = reduction_difference(a, b)
     assert d == pytest.approx(0.25) and lo == pytest.approx(0.25) and hi == pytest.approx(0.25)
+    # a context only one of the two sets has is resampled with the rest (ids matched, not positions)
+    b2 = Reduction(np.ones(22), np.append(np.repeat(1.25 - r, 2), [0.5, 0.5]),
+                   np.append(np.repeat(np.arange(10), 2), [42, 42]))
+    d2, (lo2, hi2) = reduction_difference(a, b2)
+    assert lo2 < d2 < hi2 and d2 == pytest.approx(a.value - b2.value)

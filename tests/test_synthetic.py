@@ -92,6 +92,15 @@ def test_noise_correlation_table_diagonal():
     for value, lo, hi in ci.values():
         assert lo <= value <= hi
     assert ci["diagonal"][1] > 0.5 and ci == res.diagonal_intervals(seed=0)
+    # the FVU reading's numbers too; and a 3-scale grid (whose points a grid bootstrap would
+    # make constant) keeps finite intervals: the tokens are resampled, not the grid points
+    fv = noise_correlation_table(acts.x, acts.sparse, scales, seed=0, measure="fvu")
+    tf = fv.table
+    ci_f = fv.diagonal_intervals(seed=0)
+    assert ci_f["diagonal"][0] == pytest.approx(min(tf.loc["activation noise", "linear error"],
+                                                    tf.loc["reconstruction noise", "nonlinear error"]))
+    small = noise_correlation_table(acts.x, acts.sparse, [0.0, 1.0, 2.0], seed=3).diagonal_intervals(seed=3)
+    assert all(np.isfinite([lo, hi]).all() and lo <= v <= hi for v, lo, hi in small.values())
 
 
 def test_activation_noise_leak_into_nonlinear_saturates():

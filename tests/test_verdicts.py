@@ -300,9 +300,11 @@ def test_zipf_law(r2_all, r2_mid, want):
     assert _v(V.zipf_law(r2_all, r2_mid)) == want
 
 
-# with intervals: a threshold met when its interval is wholly at or above it (0.95 overall, 0.98 middle)
+# with intervals: a threshold met when its interval lies wholly above it (0.95 overall, 0.98 middle);
+# one that touches it is undecided, as in `_graded`
 @pytest.mark.parametrize("ci_all, ci_mid, want", [
-    ((0.95, 0.97), (0.98, 0.99), "reproduced"),       # both at their boundary
+    ((0.951, 0.97), (0.981, 0.99), "reproduced"),
+    ((0.95, 0.97), (0.981, 0.99), "inconclusive"),    # touches 0.95: reproduced or partly
     ((0.96, 0.97), (0.97, 0.979), "partly"),          # middle wholly below
     ((0.94, 0.96), (0.985, 0.99), "inconclusive"),    # overall straddles: reproduced or partly
     ((0.90, 0.94), (0.90, 0.97), "not reproduced"),   # both wholly below
@@ -547,3 +549,16 @@ def test_the_steering_interval_is_the_one_compare_means_decides_on():
     assert V.mean_difference_interval(0.5, 0.09, 0.3, 0.12)[0] < 0
     v = V.gsae_steering(["higher", "no clear difference"], (lo, hi))
     assert v.verdict == "partly" and v.interval == (lo, hi)
+
+
+def test_undefined_intervals_are_said_in_the_note():
+    # a decided verdict whose interval is undefined says so (Verdict records none)
+    v = V.mc_downstream([-0.01, 0.02, -0.03], [0.01, 0.02], ((NAN, NAN), (0.01, 0.02)))
+    assert v.verdict == "partly" and v.interval is None and "undefined" in v.note
+    v = V.mc_downstream([0.01, 0.02], [-0.01, -0.02], ((NAN, NAN), (-0.02, -0.01)))  # undecided
+    assert v.verdict == "inconclusive" and "undefined" in v.note
+    v = V.earlier_components(0.2, [0.05], 0.1, (NAN, NAN))
+    assert v.verdict == "inconclusive" and "undefined" in v.note and v.interval is None
+    # a NaN R^2 with a finite interval is not met (and the count stays sane)
+    v = V.zipf_law(0.97, NAN, ((0.96, 0.98), (0.99, 0.995)))
+    assert v.verdict == "partly" and "-1" not in v.note
