@@ -199,13 +199,29 @@ _NOT_COMPUTING = ("__main__.py", "book.py", "cli.py", "pipeline.py", "profiles.p
 
 
 def source_hash() -> str:
-    """Hash of the package's source that notebooks compute with: a change reruns every notebook."""
+    """Hash of the package's code that notebooks compute with: a change reruns every notebook.
+    Docstrings and comment lines do not count (`_code`): rewording them changes no number."""
     h = hashlib.sha256()
     pkg = REPO / "sae_repro"
     for p in sorted(pkg.rglob("*.py")):
         if p.name not in _NOT_COMPUTING:
-            h.update(str(p.relative_to(pkg)).encode() + b"\0" + p.read_bytes())
+            h.update(str(p.relative_to(pkg)).encode() + b"\0" + _code(p.read_text()))
     return h.hexdigest()[:16]
+
+
+def _code(source: str) -> bytes:
+    """A module's source without its docstrings (by their line ranges, which every Python 3.8+
+    parser gives alike) and without comment-only and blank lines."""
+    drop: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body:
+            first = body[0]
+            if (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                    and isinstance(first.value.value, str)):
+                drop.update(range(first.lineno, first.end_lineno + 1))
+    return "\n".join(line for i, line in enumerate(source.splitlines(), 1)
+                     if i not in drop and line.strip() and not line.lstrip().startswith("#")).encode()
 
 
 def _git_now() -> dict[str, Any]:

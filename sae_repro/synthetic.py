@@ -170,7 +170,7 @@ class NoiseCorrelation:
         """The table's summary with 95% intervals, the held-out tokens resampled (in their random
         groups, the same tokens at every grid point: the noise draws stay fixed): "diagonal" =
         the smaller of corr(activation noise, linear error) and corr(reconstruction noise,
-        nonlinear error); "off_diagonal" = the larger |r| of the other two. -> {name: (value, lo, hi)}."""
+        nonlinear error); "off_diagonal" = the larger abs(r) of the other two. -> {name: (value, lo, hi)}."""
         planted = self.grid[["activation_noise", "reconstruction_noise"]].to_numpy(np.float64)
         names = ("count", "error", "linear", "nonlinear", "centered")
         out = {}

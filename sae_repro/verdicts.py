@@ -436,7 +436,7 @@ def synthetic_noise(activation_to_linear: float, reconstruction_to_nonlinear: fl
     estimated linear / nonlinear error. reproduced: both diagonal > SYNTHETIC_DIAGONAL and both
     abs(off-diagonal) < SYNTHETIC_OFF_DIAGONAL; partly: both diagonal > SYNTHETIC_DIAGONAL_PARTLY.
 
-    intervals: the 95% intervals of the smaller diagonal and the larger |off-diagonal|
+    intervals: the 95% intervals of the smaller diagonal and the larger abs(off-diagonal)
     (`synthetic.NoiseCorrelation.diagonal_intervals`); the verdict is then the one both the worst
     (lowest diagonal, highest off-diagonal) and the best ends give, else inconclusive. The
     interval reported is the diagonal's."""

@@ -281,7 +281,24 @@ def test_source_hash_ignores_modules_no_notebook_computes_with(tmp_path, monkeyp
     (pkg / "book.py").write_text("# the book's layout changed\n")
     (pkg / "profiles.py").write_text("# a rule's message changed\n")
     assert pipeline.source_hash() == before  # no notebook reruns for these
-    (pkg / "sae.py").write_text("# the SAE changed\n")
+    (pkg / "sae.py").write_text("# sae.py\nk = 2  # the SAE changed\n")
+    assert pipeline.source_hash() != before
+
+
+def test_source_hash_counts_code_not_docstrings_or_comments(tmp_path, monkeypatch):
+    pkg = tmp_path / "sae_repro"
+    pkg.mkdir()
+    code = "def f(x):\n    return x + 1\n\n\nclass C:\n    n = 2\n"
+    (pkg / "m.py").write_text(code)
+    monkeypatch.setattr(pipeline, "REPO", tmp_path)
+    before = pipeline.source_hash()
+    documented = ('"""A module."""\n# why\ndef f(x):\n    """Add one:\n    |r| and all."""\n'
+                  "    return x + 1\n\n\nclass C:\n    \"\"\"Two.\"\"\"\n\n    # count\n    n = 2\n")
+    (pkg / "m.py").write_text(documented)
+    assert pipeline.source_hash() == before  # docstrings, comments and blank lines do not count
+    (pkg / "m.py").write_text(code.replace("x + 1", "x + 2"))
+    assert pipeline.source_hash() != before
+    (pkg / "m.py").write_text(code.replace("n = 2", "n = 2\n    s = 'a string, not a docstring'"))
     assert pipeline.source_hash() != before
 
 
