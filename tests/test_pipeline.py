@@ -26,6 +26,9 @@ from sae_repro.figures import record_input, save_figure
 data = pd.DataFrame({{"x": [0, 1, 2], "y": [0, {value}, 0]}})
 fig, ax = plt.subplots(figsize=(2, 2))
 ax.plot(data.x, data.y)
+# enough markers that saving takes well over the 0.1 s the run record's time split resolves
+# (`timing.split` rounds to 0.1 s: a 3-point figure saves in ~0.03 s and would read 0.0)
+ax.scatter([i / 30_000 for i in range(30_000)], [(i * 7919 % 1000) / 1000 for i in range(30_000)], s=1)
 save_figure(fig, data, "{name}-fig", notebook="{name}", profile=profile, params={params},
             caption="A test figure.")
 """
