@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import OptimizeWarning, curve_fit
 from torch import Tensor
 
@@ -540,8 +541,14 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
     <c, r> / <c, c>; clamp codes >= 0. A token stops (is frozen) after n_active[t] steps.
     We follow the authors' code in counting *steps*, not support size: a step may re-pick a
     latent already in the support (likely once the residual is small) or clamp one to zero, so
-    the final L0 is <= n_active[t], often below it. Memory is O(n_tokens * n_latents): batch
-    the tokens for wide SAEs.
+    the final L0 is <= n_active[t], often below it.
+
+    The same arithmetic, computed sparsely: a token's codes live in one slot per step (latent,
+    value; a value clamped to 0 leaves the support, a re-picked latent takes a new slot), so
+    codes @ W_dec and g @ W_dec are `embedding_bag`s over at most n_active[t] rows and the only
+    dense product per step is r @ W_dec.T; tokens are sorted by n_active so each step works on
+    the still-live prefix only. Equal to the dense formulation up to float summation order
+    (`bench/bench_pursuit.py`: 4x faster at a fixed L0, ~20x at a JumpReLU's varying one).
     """
     _check_2d("x", x)
     _check_2d("W_dec", W_dec)
@@ -559,22 +566,29 @@ def gradient_pursuit(x: Tensor, W_dec: Tensor, b_dec: Tensor, n_active: int | Te
 
     dtype = torch.promote_types(x.dtype, W_dec.dtype)
     W = W_dec.to(dtype)
-    signal = x.to(dtype) - b_dec.to(dtype)  # [n, d]
-    codes = torch.zeros(n, W.shape[0], dtype=dtype, device=x.device)
-    rows = torch.arange(n, device=x.device)
-    for step in range(int(steps.max()) if n else 0):
-        live = (steps > step)[:, None]  # [n, 1] tokens still taking steps
-        r = signal - codes @ W  # [n, d]
-        corr = r @ W.T  # [n, n_latents]; minus the gradient of 0.5 ||r||^2
-        support = codes != 0
-        support[rows, corr.argmax(1)] = True
-        g = corr * support
-        c = g @ W  # [n, d]
-        num, den = (c * r).sum(1), (c * c).sum(1)
+    n_steps = int(steps.max()) if n else 0
+    order = steps.argsort(descending=True, stable=True)  # live tokens form a prefix at every step
+    live = (steps[order][None, :] > torch.arange(n_steps, device=x.device)[:, None]).sum(1).tolist()
+    signal = (x.to(dtype) - b_dec.to(dtype))[order]  # [n, d]
+    idx = torch.zeros(n, n_steps, dtype=torch.long, device=x.device)  # [n, steps] slot -> latent
+    val = torch.zeros(n, n_steps, dtype=dtype, device=x.device)  # [n, steps] slot -> code (0: out)
+    r = signal.clone()  # residual [n, d]
+    for t, m in enumerate(live):
+        corr = r[:m] @ W.T  # [m, n_latents]; minus the gradient of 0.5 ||r||^2
+        pick = corr.argmax(1)
+        held = val[:m, :t] != 0  # [m, t] slots in the support
+        repick = ((idx[:m, :t] == pick[:, None]) & held).any(1)
+        idx[:m, t] = pick
+        slots = idx[:m, :t + 1]
+        g = corr.gather(1, slots) * torch.cat([held, ~repick[:, None]], 1)  # [m, t + 1]
+        c = F.embedding_bag(slots, W, per_sample_weights=g, mode="sum")  # [m, d] = g @ W
+        num, den = (c * r[:m]).sum(1), (c * c).sum(1)
         # optimal step along g; den == 0 only when r is orthogonal to the support: stay put
         step_size = torch.where(den > 0, num / den.clamp_min(torch.finfo(dtype).tiny), 0.0)
-        new = (codes + step_size[:, None] * g).clamp_min(0)
-        codes = torch.where(live, new, codes)
+        val[:m, :t + 1] = (val[:m, :t + 1] + step_size[:, None] * g).clamp_min(0)
+        r[:m] = signal[:m] - F.embedding_bag(slots, W, per_sample_weights=val[:m, :t + 1], mode="sum")
+    codes = torch.zeros(n, W.shape[0], dtype=dtype, device=x.device)
+    codes[order] = codes.scatter_add(1, idx, val)  # a latent's stale slots hold 0
     return codes
 
 

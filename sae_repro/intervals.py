@@ -43,10 +43,17 @@ def per_context(values: np.ndarray | torch.Tensor, context: np.ndarray | torch.T
     c = np.asarray(context).reshape(-1)
     if v.shape[0] != c.shape[0]:
         raise ValueError(f"per_context: values have {v.shape[0]} tokens, context has {c.shape[0]}")
-    codes, uniques = pd.factorize(c)  # numbered by first appearance
-    out = np.zeros((len(uniques),) + v.shape[1:])
+    codes, n_contexts = context_codes(c)
+    out = np.zeros((n_contexts,) + v.shape[1:])
     np.add.at(out, codes, v)
     return out
+
+
+def context_codes(context: np.ndarray | torch.Tensor) -> tuple[np.ndarray, int]:
+    """Each token's context number [n_tokens] (int64, 0..n_contexts-1 in order of first
+    appearance: the rows of `per_context`) and n_contexts."""
+    codes, uniques = pd.factorize(np.asarray(context).reshape(-1))
+    return codes.astype(np.int64), len(uniques)
 
 
 def context_bootstrap(statistic: Callable[..., float], *sums: np.ndarray, seed: int = 0,

@@ -211,7 +211,8 @@ def train_jumprelu(x: Tensor, cfg: JumpReLUConfig, *, heldout: Tensor | None = N
     B = cfg.batch_size
     if B > n:
         raise ValueError(f"batch_size={B} is larger than the {n} training tokens")
-    total = cfg.max_steps or max(1, int(cfg.epochs * n / B))
+    # as `train.train_sae`: whole batches per epoch (the partial last one is dropped)
+    total = cfg.max_steps or max(1, int(cfg.epochs * (n // B)))
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, total // 20)
     s = _scale(x)
     var = float((x.double() * s - (x.double() * s).mean(0)).pow(2).sum(1).mean())  # E||x - mean||^2
@@ -274,6 +275,11 @@ def _folded(sae: SparseAutoencoder, log_theta: Tensor, s: float) -> SparseAutoen
         out.b_dec.copy_(sae.b_dec / s)
         out.threshold.copy_(log_theta.exp() / s)
     return out.eval()
+
+
+# bumped when training changes what a config gives (it is in the SAE cache key);
+# 2: steps = epochs * whole batches per epoch, as train_sae (was epochs * n / batch_size)
+TRAINER_VERSION = 2
 
 
 def config_dict(cfg: JumpReLUConfig) -> dict:

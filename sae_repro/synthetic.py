@@ -206,11 +206,6 @@ def _off_diagonal(planted: np.ndarray, linear: np.ndarray, nonlinear: np.ndarray
     return float(np.max(np.abs([_corr(planted[:, 0], nonlinear), _corr(planted[:, 1], linear)])))
 
 
-def _mean_sq_norm(t: Tensor) -> float:
-    """Mean over tokens of ||t_i||^2.  t: [n, d]."""
-    return float(t.double().pow(2).sum(1).mean())
-
-
 def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor,
                 test_idx: Tensor) -> tuple[dict[str, float], dict[str, Tensor]]:
     """Fit the linear error on train tokens; measure everything on the held-out tokens
@@ -219,18 +214,19 @@ def _grid_point(x: Tensor, x_hat: Tensor, train_idx: Tensor,
     xt, xht = x[test_idx], x_hat[test_idx]
     dec = decompose(xt, xht, fit)
     fvu_sae, fvu_nonlin = fvu(xt, xht), fvu(xt, xht + dec.linear)
-    sq = {"error": dec.sae_error, "linear": dec.linear, "nonlinear": dec.nonlinear,
-          "centered": xt - xt.double().mean(0)}
+    parts = {"error": dec.sae_error, "linear": dec.linear, "nonlinear": dec.nonlinear,
+             "centered": xt - xt.double().mean(0)}
+    sq = {k: v.double().pow(2).sum(1) for k, v in parts.items()}  # [n_test] each
     row = {
-        "sae_error_sq_norm": _mean_sq_norm(dec.sae_error),
-        "linear_error_sq_norm": _mean_sq_norm(dec.linear),
-        "nonlinear_error_sq_norm": _mean_sq_norm(dec.nonlinear),
+        "sae_error_sq_norm": float(sq["error"].mean()),
+        "linear_error_sq_norm": float(sq["linear"].mean()),
+        "nonlinear_error_sq_norm": float(sq["nonlinear"].mean()),
         "fvu_sae": fvu_sae,
         "fvu_nonlinear": fvu_nonlin,
         "fvu_linear": fvu_sae - fvu_nonlin,  # the paper's "linear estimate": FVU drop from adding LinearError
         "r2_per_dim_test": fit.r2_per_dim_test,
     }
-    return row, {k: v.double().pow(2).sum(1) for k, v in sq.items()}
+    return row, sq
 
 
 def noise_correlation_table(

@@ -69,6 +69,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from sae_repro.cache import atomic_path
+from sae_repro.intervals import context_codes
 from sae_repro.kernels import SparseCodes
 from sae_repro.losses import aux_k_loss, aux_zipf_loss, mse
 from sae_repro.metrics import dead_fraction, dense_fraction, feature_density, fvu, l0
@@ -774,13 +775,10 @@ def evaluate(sae: SparseAutoencoder, x: Tensor, grads: Tensor | None = None, *,
         context = torch.as_tensor(context).reshape(-1)
         if len(context) != x.shape[0]:
             raise ValueError(f"evaluate: context has {len(context)} tokens, x has {x.shape[0]}")
-        uniques, first = np.unique(context.numpy(), return_index=True)
-        order = np.argsort(first)  # number the contexts by first appearance
-        rank = np.empty(len(uniques), dtype=np.int64)
-        rank[order] = np.arange(len(uniques))
-        codes = torch.from_numpy(rank[np.searchsorted(uniques, context.numpy())])
+        codes, n_contexts = context_codes(context.numpy())
+        codes = torch.from_numpy(codes)
         # counts on the SAE's device (exact in float32 up to 2^24 tokens per context)
-        per_ctx = torch.zeros(len(uniques), sae.cfg.n_latents, device=sae.W_dec.device)
+        per_ctx = torch.zeros(n_contexts, sae.cfg.n_latents, device=sae.W_dec.device)
     x_hats, l0s, counts, l0_sum = [], [], torch.zeros(sae.cfg.n_latents, dtype=torch.float64), 0.0
     i = 0
     for xb, out in _eval_batches(sae, x, grads, batch_size):

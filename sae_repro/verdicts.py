@@ -309,30 +309,31 @@ def downstream_proportional(ce_share: Sequence[float], variance_share: Sequence[
     # a NaN gap (no CE share) does not count; a NaN interval around a finite gap (some resample
     # has no CE increase) leaves that width undecided
     possibly = ~((ci[:, 0] > t) | (ci[:, 1] < -t)) & ~np.isnan(gap)
-    undefined = int((np.isnan(ci).any(1) & ~np.isnan(gap)).sum())
-    note = f"widths' 95% intervals straddle +-{t}"
-    if undefined:
-        note += (f" or are undefined ({undefined} of {len(gap)}: the SAE's CE increase is not above 0 "
-                 "on every resample of the contexts, so its CE share is unbounded; more contexts would "
-                 "bound it)")
-    # the span of the widths that count (a NaN gap does not)
-    return _two_readings(int(surely.sum()), int(possibly.sum()), len(gap), _counted, why, note,
-                         _span(ci[~np.isnan(gap)]))
+    # the widths that count (a NaN gap does not) give the span and the undefined count
+    return _two_readings(int(surely.sum()), int(possibly.sum()), len(gap), _counted, why,
+                         f"widths' 95% intervals straddle +-{t}", ci[~np.isnan(gap)],
+                         undefined_why="the SAE's CE increase is not above 0 on every resample of the "
+                                       "contexts, so its CE share is unbounded; more contexts would bound it")
 
 
 def _two_readings(n_sure: int, n_possible: int, n: int, grade: Callable[[int, int], str], why: str,
-                  straddle_note: str, interval: tuple[float, float]) -> Verdict:
+                  straddle_note: str, items: np.ndarray, reported: tuple[float, float] | None = None, *,
+                  undefined_why: str = "NaN on some resample") -> Verdict:
     """A counted criterion judged on intervals: grade(n_sure, n) where the straddling points all
     fail, grade(n_possible, n) where they all pass; the same word -> that verdict, else
-    inconclusive (noting how many straddle)."""
+    inconclusive (noting how many straddle). items: the judged points' 95% intervals [m, 2];
+    the verdict's interval is `reported`, else their span (`_span`: None if one is NaN); the
+    note counts the undefined ones, decided or not."""
+    items = np.asarray(items, dtype=float).reshape(-1, 2)
+    interval = reported if reported is not None else _span(items)
+    n_undefined = int(np.isnan(items).any(1).sum())
+    undefined = (f"{n_undefined} of {len(items)} 95% intervals undefined ({undefined_why})"
+                 if n_undefined else "")
     low, high = grade(n_sure, n), grade(n_possible, n)
-    undefined = interval is not None and bool(np.isnan(np.asarray(interval, dtype=float)).any())
     if low == high:
-        return Verdict(low, why, "95% interval undefined (NaN on some resample)" if undefined else "",
-                       interval=interval)
-    note = f"{n_possible - n_sure} of {n} {straddle_note}"
-    return Verdict("inconclusive", why, note + ("; 95% interval undefined (NaN on some resample)" if undefined else ""),
-                   interval)
+        return Verdict(low, why, undefined, interval=interval)
+    note = "; ".join(p for p in (f"{n_possible - n_sure} of {n} {straddle_note}", undefined) if p)
+    return Verdict("inconclusive", why, note, interval)
 
 
 def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float],
@@ -351,7 +352,7 @@ def error_saes_worse(fvu_linear: Sequence[float], fvu_nonlinear: Sequence[float]
     if len(ci) != len(worse):
         raise ValueError(f"error_saes_worse: {len(ci)} intervals for {len(worse)} k")
     return _two_readings(int((ci[:, 0] > 0).sum()), int((~(ci[:, 1] <= 0)).sum()), len(worse), _counted,
-                         why, "k's 95% intervals straddle 0", _span(ci))
+                         why, "k's 95% intervals straddle 0", ci)
 
 
 def pursuit_slight(relative_decrease: Sequence[float],
@@ -479,7 +480,7 @@ def zipf_law(r2_all: float, r2_middle: float,
     sure = (ci[:, 0] > thresholds) & ~np.isnan(values)
     possibly = ~(ci[:, 1] < thresholds) & ~np.isnan(values)
     return _two_readings(int(sure.sum()), int(possibly.sum()), 2, _by_count, why,
-                         "R^2 95% intervals straddle their threshold", tuple(ci[0]))
+                         "R^2 95% intervals straddle their threshold", ci, tuple(ci[0]))
 
 
 def beats_at_equal_l0(deltas: Sequence[float]) -> bool:
@@ -513,7 +514,7 @@ def mc_downstream(mutual_choice: Sequence[float], feature_choice_finetuned: Sequ
     most = np.array([(f[~np.isnan(f)] > 0).mean() > BEATS_MOST for f in families])
     sure, possibly = most & (ci[:, 0] > 0), most & ~(ci[:, 1] <= 0)
     return _two_readings(int(sure.sum()), int(possibly.sum()), 2, _by_count, why,
-                         "families' 95% intervals of the mean delta straddle 0", tuple(ci[0]))
+                         "families' 95% intervals of the mean delta straddle 0", ci, tuple(ci[0]))
 
 
 def mc_fewer_dead(dead_no_aux: Sequence[int], dead_mutual_choice_zipf: int,
@@ -572,7 +573,7 @@ def hard_tokens(rho: Sequence[float], p_value: Sequence[float],
     sure = int((significant & (ci[:, 0] > HARD_TOKENS_RHO)).sum())
     possible = int((significant & ~(ci[:, 1] <= HARD_TOKENS_RHO)).sum())
     return _two_readings(sure, possible, len(r), _by_count, why + "; judged on each rho's 95% interval",
-                         f"series' 95% intervals straddle {HARD_TOKENS_RHO}", _span(ci))
+                         f"series' 95% intervals straddle {HARD_TOKENS_RHO}", ci)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,9 +651,9 @@ def _counts(values: Sequence[int], name: str) -> list[int]:
 
 def compare_means(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> str:
     """"higher" / "lower" if mean_a - mean_b is beyond CLEAR_SE standard errors of the difference
-    (independent samples), else "no clear difference"."""
-    diff, se = mean_a - mean_b, (sem_a ** 2 + sem_b ** 2) ** 0.5
-    return "higher" if diff > CLEAR_SE * se else "lower" if diff < -CLEAR_SE * se else "no clear difference"
+    (independent samples), else "no clear difference": decided on `mean_difference_interval`."""
+    lo, hi = mean_difference_interval(mean_a, sem_a, mean_b, sem_b)
+    return "higher" if lo > 0 else "lower" if hi < 0 else "no clear difference"
 
 
 def mean_difference_interval(mean_a: float, sem_a: float, mean_b: float, sem_b: float) -> tuple[float, float]:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sae_repro.activations import ActivationStore
 from sae_repro.cache import atomic_path, cache_dir, folder_problem, hash_inputs, tensor_digest, write_checksums
-from sae_repro.jumprelu import JumpReLUConfig, config_dict, train_jumprelu
+from sae_repro.jumprelu import TRAINER_VERSION, JumpReLUConfig, config_dict, train_jumprelu
 from sae_repro.sae import SparseAutoencoder
 from sae_repro.saelens import load, save
 from sae_repro.train import NEUTRAL_FIELDS, TrainConfig, train_sae
@@ -102,8 +102,8 @@ def trained_jumprelu(data: ActivationStore | Tensor, cfg: JumpReLUConfig, *, hoo
         hook = hook if hook is not None else _only_hook(data)
         data_id = data.root.name
     data_id += f"|heldout:{tensor_digest(heldout)}" if heldout is not None else ""
-    key = hash_inputs({"format": FORMAT_VERSION, "kind": "jumprelu", "store": data_id, "hook": hook,
-                       "cfg": config_dict(cfg)})
+    key = hash_inputs({"format": FORMAT_VERSION, "kind": "jumprelu", "trainer": TRAINER_VERSION,
+                       "store": data_id, "hook": hook, "cfg": config_dict(cfg)})
     root = cache_dir() / "saes" / key
     if (hit := _cached(root, key)) is not None:
         return hit[0], hit[1], key

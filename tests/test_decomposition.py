@@ -204,6 +204,46 @@ def test_pursuit_k_sparse_exact_support_on_orthonormal_dictionary():
     assert ((codes != 0).sum(1) == k).all()
 
 
+def _dense_pursuit(x, W, b, steps):
+    """The authors' dense formulation, step by step over all tokens: the known answer."""
+    signal, codes = x - b, torch.zeros(x.shape[0], W.shape[0], dtype=x.dtype)
+    rows = torch.arange(x.shape[0])
+    for step in range(int(steps.max())):
+        r = signal - codes @ W
+        corr = r @ W.T
+        support = codes != 0
+        support[rows, corr.argmax(1)] = True
+        g = corr * support
+        c = g @ W
+        num, den = (c * r).sum(1), (c * c).sum(1)
+        new = (codes + torch.where(den > 0, num / den, 0.0)[:, None] * g).clamp_min(0)
+        codes = torch.where((steps > step)[:, None], new, codes)
+    return codes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pursuit_equals_the_dense_formulation(dtype):
+    # a random (not sparse) signal: many steps clamp a code to 0 and re-pick latents
+    x = _randn(400, 24, seed=20).to(dtype)
+    W = _randn(96, 24, seed=21).to(dtype)
+    W = W / W.norm(dim=1, keepdim=True)
+    b = 0.3 * _randn(24, seed=22).to(dtype)
+    steps = torch.randint(0, 40, (400,), generator=torch.Generator().manual_seed(23))
+    codes, ref = gradient_pursuit(x, W, b, steps), _dense_pursuit(x, W, b, steps)
+    assert codes.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(codes, ref, atol=tol, rtol=tol)
+    assert ((codes != 0) != (ref != 0)).sum() == 0
+    # the case above does take the paths the sparse slots must get right
+    assert ((ref != 0).sum(1) < steps).float().mean() > 0.5
+
+
+def test_pursuit_of_nothing():
+    W = torch.eye(3)
+    assert gradient_pursuit(torch.zeros(0, 3), W, torch.zeros(3), 5).shape == (0, 3)
+    torch.testing.assert_close(gradient_pursuit(torch.ones(2, 3), W, torch.zeros(3), 0), torch.zeros(2, 3))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

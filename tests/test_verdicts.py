@@ -204,8 +204,14 @@ def test_downstream_proportional_nan_interval_around_a_gap_is_undecided():
     v = V.downstream_proportional([0.0, 0.0], [0.0, 0.0], gap_intervals=[(-0.1, 0.1), (NAN, NAN)])
     assert v.verdict == "inconclusive" and "1 of 2" in v.note
     # the note says the interval is undefined, and no span is reported (the finite one understates it)
-    assert "undefined (1 of 2" in v.note and "CE increase is not above 0" in v.note
+    assert "1 of 2 95% intervals undefined" in v.note and "CE increase is not above 0" in v.note
     assert v.interval is None
+    # decided with an undefined interval (the default run: 2x-8x wholly outside, 16x and 32x
+    # undefined): still said, and still no span
+    v = V.downstream_proportional([0.9, 0.9, 0.9, 0.0, 0.0], [0.5] * 3 + [0.0] * 2,
+                                  gap_intervals=[(0.3, 0.5)] * 3 + [(NAN, NAN)] * 2)
+    assert v.verdict == "not reproduced" and v.interval is None
+    assert "2 of 5 95% intervals undefined" in v.note and "straddle" not in v.note
     # all intervals defined: a span, and no word of undefined ones
     v = V.downstream_proportional([0.0, 0.5], [0.0, 0.0], gap_intervals=[(-0.1, 0.1), (-0.2, 0.6)])
     assert v.verdict == "inconclusive" and v.interval == (-0.2, 0.6) and "undefined" not in v.note
