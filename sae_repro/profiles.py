@@ -145,8 +145,10 @@ DEFAULT: dict[str, Any] = {
     "layers": [5, 15, 25],
     # the layer whose residual stream (blocks.L.hook_resid_post) the SAE chapters study
     "sae_layer": 15,
-    # bf16 matmuls where the hardware runs them natively (AMX, CUDA): sae_repro.precision
-    "bf16": "auto",
+    # float32 everywhere: "auto" (bf16 where the hardware has it, sae_repro.precision) would make
+    # the same profile and seed give different figure data on an AMX Xeon and an AVX2-only EPYC;
+    # the committed figures are float32. Pass `-p bf16 auto` for speed on such a machine.
+    "bf16": False,
     # SAEs trained elsewhere at that hook, analysed beside ours by the Dark Matter chapter:
     # "release:sae_id" from SAELens's registry (hub: `full` only) or a SAELens folder
     "pretrained_saes": [],
