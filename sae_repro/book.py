@@ -162,21 +162,60 @@ def runs_table() -> str:
     return head + "\n".join(rows) + "\n\n" + notes + "\n"
 
 
+def _standing(entry: dict, source: str | None = None) -> str:
+    """"current", or why a manifest entry is not: "stale", "notebook" or "source" (figure_status)."""
+    if entry.get("stale"):
+        return "stale"
+    inputs = entry.get("inputs") or {}
+    path = pipeline.notebooks_dir() / f"{entry['notebook']}.ipynb"
+    if inputs.get("notebook") not in (None, pipeline.notebook_hash(path) if path.exists() else None):
+        return "notebook"
+    source = source or f"{sae_repro.__version__}+{pipeline.source_hash()}"
+    if inputs.get("sae_repro") not in (None, source):
+        return "source"
+    return "current"
+
+
+_STATUS_TEXT = {
+    "current": "current",
+    "stale": "**stale**: its notebook's last run failed",
+    "notebook": "**from an earlier version of its notebook** (a run would remake it)",
+    "source": "from an earlier version of the package's computing source (a run would remake it)",
+}
+
+
 def figure_status(entry: dict, source: str | None = None) -> str:
     """How a manifest entry stands against this checkout: "current", or why it is not (its
     notebook's last run failed; its notebook or the package's computing source changed since it
     was made, so `sae-repro run` would remake it). source: "version+source hash" of this checkout
     (computed here if not given; a caller listing many figures computes it once)."""
-    if entry.get("stale"):
-        return "**stale**: its notebook's last run failed"
-    inputs = entry.get("inputs") or {}
-    path = pipeline.notebooks_dir() / f"{entry['notebook']}.ipynb"
-    if inputs.get("notebook") not in (None, pipeline.notebook_hash(path) if path.exists() else None):
-        return "**from an earlier version of its notebook** (a run would remake it)"
-    source = source or f"{sae_repro.__version__}+{pipeline.source_hash()}"
-    if inputs.get("sae_repro") not in (None, source):
-        return "from an earlier version of the package's computing source (a run would remake it)"
-    return "current"
+    return _STATUS_TEXT[_standing(entry, source)]
+
+
+# The badge beside a verdict that is not current, by the reason (verdict_status).
+_STATUS_BADGE = {"stale": "stale", "notebook": "earlier notebook", "source": "earlier source",
+                 "run": "earlier run"}
+
+
+def verdict_status(verdict: dict, manifest: dict, source: str | None = None) -> str:
+    """How a recorded verdict stands: that of the figures its run published (a run publishes its
+    figures and verdicts together, under one run key), so a verdict from an earlier notebook or
+    computing source says so as its figures do. "run": no figure of its notebook carries its run
+    key (the figures were remade since). manifest: the profile's figures manifest."""
+    if verdict.get("stale"):
+        return "stale"
+    mine = [e for e in manifest.values() if e["notebook"] == verdict["notebook"]]
+    made = [e for e in mine if e.get("run_key") == verdict.get("run_key")]
+    if made:
+        return _standing(made[0], source)
+    return "run" if mine else "current"
+
+
+def _statuses(prof: str, verdicts: list[dict]) -> list[str]:
+    """verdict_status of each verdict of a profile, reading the manifest and the source once."""
+    manifest = read_json(figures_dir(prof) / "manifest.json")
+    source = f"{sae_repro.__version__}+{pipeline.source_hash()}"
+    return [verdict_status(v, manifest, source) for v in verdicts]
 
 
 def figures_list() -> str:
@@ -216,12 +255,17 @@ def _ours(v: dict) -> str:
     return text
 
 
-def _badge(verdict: str, stale: bool = False) -> str:
+def _badge(verdict: str, status: str = "current") -> str:
     """The verdict as a coloured text badge (CSS `sae-verdict-*` in book/_assets; text, not an
-    emoji, so it shows where no emoji font is installed)."""
+    emoji, so it shows where no emoji font is installed), and beside it, for a verdict that is not
+    current (verdict_status), an outlined badge saying why."""
     slug = verdict.replace(" ", "-")
-    return (f'<span class="sae-verdict sae-verdict-{slug}">{html.escape(verdict)}</span>'
-            + (' <span class="sae-verdict sae-verdict-stale">stale</span>' if stale else ""))
+    text = f'<span class="sae-verdict sae-verdict-{slug}">{html.escape(verdict)}</span>'
+    if status != "current":
+        why = _STATUS_TEXT.get(status, "from a run other than the one that made its chapter's figures")
+        text += (f' <span class="sae-verdict sae-verdict-{"stale" if status == "stale" else "earlier"}" '
+                 f'title="{html.escape(why.replace("**", ""))}">{_STATUS_BADGE[status]}</span>')
+    return text
 
 
 def verdicts_table(notebooks: list[str] | None = None) -> str:
@@ -239,9 +283,10 @@ def verdicts_table(notebooks: list[str] | None = None) -> str:
             continue
         mine = sorted(((c, v) for c, v in verdicts_of(prof).items() if v["notebook"] == nb),
                       key=lambda cv: (cv[1]["time"], cv[0]))  # the order the notebook found them
-        for claim_id, v in mine:
+        statuses = _statuses(prof, [v for _, v in mine])
+        for (claim_id, v), status in zip(mine, statuses):
             cells = [html.escape(str(v["claim"])), html.escape(str(v["paper"])), html.escape(_ours(v)),
-                     _badge(v["verdict"], bool(v.get("stale"))),
+                     _badge(v["verdict"], status),
                      f'<a href="chapters/{nb}.html">{html.escape(nb.replace("_", " "))}</a> ({html.escape(prof)})']
             rows.append(f'<tr id="verdict-{html.escape(claim_id)}">' + "".join(f"<td>{c}</td>" for c in cells)
                         + "</tr>")
@@ -289,8 +334,9 @@ def present(nb: dict, name: str, profile: str | None, verdicts: list[dict]) -> d
             _tag(cell, "hide-input")
         out.append(cell)
         if i == 0 and cell["cell_type"] == "markdown" and verdicts:
-            lines = [f"- {html.escape(str(v['claim']))}: {_badge(v['verdict'], bool(v.get('stale')))}"
-                     for v in verdicts]
+            statuses = _statuses(profile, verdicts) if profile else ["current"] * len(verdicts)
+            lines = [f"- {html.escape(str(v['claim']))}: {_badge(v['verdict'], st)}"
+                     for v, st in zip(verdicts, statuses)]
             out.append(_markdown(f"**What this chapter finds** (profile `{profile}`; the numbers, "
                                  "intervals and criteria are in the verdict lines below):\n\n" + "\n".join(lines)))
     nb["cells"] = out

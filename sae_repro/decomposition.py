@@ -150,15 +150,17 @@ def least_squares(A: Tensor, y: Tensor) -> Tensor:
     The authors (and we, before) call `torch.linalg.lstsq`; its LAPACK drivers are not
     reproducible run to run on CPU (~1e-12 apart on the same bytes), which moved every key and
     number downstream of an error decomposition. The normal equations are: G = A^T A and A^T y are
-    matmuls (reproducible), and the p x p factorisation runs on one thread (its blocking depends
-    on the thread count). Cholesky where G is positive definite; otherwise (collinear columns) the
-    minimum-norm solution from G's eigendecomposition, dropping eigenvalues below p * eps * the
-    largest (lstsq's rcond on singular values, squared). In float64 both agree with lstsq to
-    ~1e-10 on activations (tests/test_decomposition.py checks 1e-6).
+    matmuls, and they and the p x p factorisation run on one thread (how MKL splits a product's
+    reduction over threads depends on the thread count: on AVX512 Xeons A^T y at 1 and 2 threads
+    differ in the last bit; one thread costs ~0.7 s more per fit of 88k x 577 on 2 cores).
+    Cholesky where G is positive definite; otherwise (collinear columns) the minimum-norm
+    solution from G's eigendecomposition, dropping eigenvalues below p * eps * the largest
+    (lstsq's rcond on singular values, squared). In float64 both agree with lstsq to ~1e-10 on
+    activations (tests/test_decomposition.py checks 1e-6).
     """
     A, y = A.double(), y.double()
-    G, r = A.T @ A, A.T @ y
     with _one_thread():
+        G, r = A.T @ A, A.T @ y
         L, info = torch.linalg.cholesky_ex(G)
         if int(info) == 0:
             return torch.cholesky_solve(r, L)

@@ -146,7 +146,9 @@ def test_the_verdict_table_is_html_with_text_badges_and_chapter_links(monkeypatc
     assert table.startswith('<table class="sae-verdicts">') and table.count("<tr id=") == 2
     assert "x &lt; y &amp; z" in table  # escaped
     assert '<span class="sae-verdict sae-verdict-not-reproduced">not reproduced</span>' in table
-    assert 'sae-verdict-stale">stale</span>' in table.split('id="verdict-b-claim"')[1]
+    b_row = table.split('id="verdict-b-claim"')[1]
+    assert 'sae-verdict-stale" title="stale: its notebook&#x27;s last run failed">stale</span>' in b_row
+    assert "sae-verdict-stale" not in table.split('id="verdict-b-claim"')[0]  # a-claim: no figures, current
     assert '<a href="chapters/nb_one.html">nb one</a> (ci)' in table
     assert "0.89 (95% interval 0.85 to 0.93); with more training: flat" in table
     assert table.index("a-claim") < table.index("b-claim")  # in the order the notebook found them

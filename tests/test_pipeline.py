@@ -392,3 +392,25 @@ def test_the_book_says_which_figures_an_earlier_notebook_or_source_made(sandbox,
     nb.write_text(nb.read_text().replace("alpha_n = 3", "alpha_n = 3  # edited"))
     assert "earlier version of its notebook" in book.figure_status(entry)
     assert "stale" in book.figure_status(entry | {"stale": True})  # a failed last run says so first
+
+
+def test_a_verdict_stands_as_the_figures_of_its_run_do(sandbox, monkeypatch):
+    from sae_repro import book
+
+    pipeline.run("ci", only=["alpha"])
+    manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
+    verdict = {"notebook": "alpha", "run_key": manifest["alpha-fig"]["run_key"], "verdict": "partly"}
+    assert book.verdict_status(verdict, manifest) == "current"
+    assert book.verdict_status(verdict | {"stale": True}, manifest) == "stale"
+    assert book.verdict_status(verdict | {"run_key": "other"}, manifest) == "run"  # not its figures' run
+    assert book.verdict_status(verdict | {"notebook": "gamma"}, manifest) == "current"  # no figures to go by
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    assert book.verdict_status(verdict, manifest) == "source"
+    badge = book._badge("partly", "source")
+    assert 'sae-verdict-partly">partly</span>' in badge and 'sae-verdict-earlier"' in badge
+    assert ">earlier source</span>" in badge and "computing source" in badge  # its title says why
+    assert book._badge("partly") == '<span class="sae-verdict sae-verdict-partly">partly</span>'
+    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    nb = sandbox / "notebooks" / "alpha.ipynb"
+    nb.write_text(nb.read_text().replace("alpha_n = 3", "alpha_n = 3  # edited"))
+    assert book.verdict_status(verdict, manifest) == "notebook"
