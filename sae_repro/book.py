@@ -170,10 +170,12 @@ def _standing(entry: dict, source: str | None = None) -> str:
     path = pipeline.notebooks_dir() / f"{entry['notebook']}.ipynb"
     if inputs.get("notebook") not in (None, pipeline.notebook_hash(path) if path.exists() else None):
         return "notebook"
-    source = source or f"{sae_repro.__version__}+{pipeline.source_hash()}"
-    if inputs.get("sae_repro") not in (None, source):
-        return "source"
-    return "current"
+    recorded, version = inputs.get("sae_repro"), sae_repro.__version__
+    if recorded is None or recorded == (source or f"{version}+{pipeline.source_hash()}"):
+        return "current"  # the whole package unchanged (what runs before 2026-12-08 recorded)
+    if path.exists() and recorded == f"{version}+{pipeline.notebook_source(path)}":
+        return "current"  # the modules its notebook runs unchanged
+    return "source"
 
 
 _STATUS_TEXT = {
@@ -186,8 +188,9 @@ _STATUS_TEXT = {
 
 def figure_status(entry: dict, source: str | None = None) -> str:
     """How a manifest entry stands against this checkout: "current", or why it is not (its
-    notebook's last run failed; its notebook or the package's computing source changed since it
-    was made, so `sae-repro run` would remake it). source: "version+source hash" of this checkout
+    notebook's last run failed; its notebook or the computing source it runs (its notebook's
+    modules, `pipeline.notebook_modules`) changed since it was made, so `sae-repro run` would
+    remake it). source: "version+source hash" of this checkout
     (computed here if not given; a caller listing many figures computes it once)."""
     return _STATUS_TEXT[_standing(entry, source)]
 

@@ -97,7 +97,7 @@ class Job:
     params: dict[str, Any]
     overrides: dict[str, Any]
     after: list[str] = field(default_factory=list)
-    source: str = ""  # the package's source hash, taken once when the run is planned
+    source: str = ""  # the hash of the package source it runs (notebook_source), taken when planned
     git: dict[str, Any] = field(default_factory=dict)  # commit and dirty, taken then too
 
     @property
@@ -163,9 +163,9 @@ def plan(profile: str, only: list[str] | None = None,
         names = ", ".join(p.stem for p in paths)
         raise ParameterError(f"unknown parameter(s) {unknown} for notebook(s) {names}; "
                              f"allowed:\n  {allowed}")
-    jobs, errors, source, git = [], [], source_hash(), _git_now()
+    jobs, errors, git = [], [], _git_now()
     for nb, defaults in declared.items():
-        job, errs = _make_job(nb, profile, overrides, defaults, source, git)
+        job, errs = _make_job(nb, profile, overrides, defaults, notebook_source(nb), git)
         jobs.append(job)
         errors += errs
     if errors:
@@ -198,15 +198,77 @@ def _make_job(nb: Path, profile: str, overrides: dict[str, Any], defaults: dict[
 _NOT_COMPUTING = ("__main__.py", "book.py", "cli.py", "pipeline.py", "profiles.py", "progress.py")
 
 
-def source_hash() -> str:
-    """Hash of the package's code that notebooks compute with: a change reruns every notebook.
-    Docstrings and comment lines do not count (`_code`): rewording them changes no number."""
+def source_hash(modules: list[str] | None = None, pkg: Path | None = None) -> str:
+    """Hash of the package's code that notebooks compute with: of every computing module, or of
+    `modules` only (paths relative to the package, as `notebook_modules` gives them; the hash of
+    all of them is the hash of the whole). Docstrings and comment lines do not count (`_code`):
+    rewording them changes no number."""
     h = hashlib.sha256()
-    pkg = REPO / "sae_repro"
+    pkg = pkg or REPO / "sae_repro"
     for p in sorted(pkg.rglob("*.py")):
-        if p.name not in _NOT_COMPUTING:
-            h.update(str(p.relative_to(pkg)).encode() + b"\0" + _code(p.read_text()))
+        rel = str(p.relative_to(pkg))
+        if p.name not in _NOT_COMPUTING and (modules is None or rel in modules):
+            h.update(rel.encode() + b"\0" + _code(p.read_text()))
     return h.hexdigest()[:16]
+
+
+def _module_file(dotted: str, pkg: Path) -> str | None:
+    """"sae_repro.a.b" -> "a/b.py" (or "a/b/__init__.py"), None if it is no module of ours."""
+    parts = dotted.split(".")
+    if parts[0] != pkg.name:
+        return None
+    rel = Path(*parts[1:]) if len(parts) > 1 else Path()
+    for cand in (rel.with_suffix(".py") if len(parts) > 1 else None, rel / "__init__.py"):
+        if cand is not None and (pkg / cand).is_file():
+            return str(cand)
+    return None
+
+
+def _imported(code: str, pkg: Path) -> set[str]:
+    """The package's modules (files relative to it) that `code` imports, anywhere in it: a
+    function-level import counts too, so the set is never smaller than what runs."""
+    found = set()
+    for node in ast.walk(ast.parse(code)):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # a name may be a module
+        for dotted in names:
+            for i in range(1, dotted.count(".") + 2):  # importing a.b.c imports a and a.b first
+                if (f := _module_file(".".join(dotted.split(".")[:i]), pkg)) is not None:
+                    found.add(f)
+    return found
+
+
+def notebook_modules(nb: Path, pkg: Path | None = None) -> list[str]:
+    """The package's computing modules a notebook's code can run: those its code cells import
+    and, closed over, those they import (static, conservative: `sae_repro` has no dynamic
+    imports). A change elsewhere in the package cannot change what the notebook computes, so it
+    does not rerun it. IPython magic lines (`%`, `!`) are left out; a cell that still does not
+    parse counts as importing every module."""
+    pkg = pkg or REPO / "sae_repro"
+    every = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if p.name not in _NOT_COMPUTING)
+    todo: set[str] = set()
+    for cell in json.loads(nb.read_text()).get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        lines = "".join(cell.get("source", "")).splitlines()
+        try:
+            todo |= _imported("\n".join(ln for ln in lines if ln.lstrip()[:1] not in ("%", "!")), pkg)
+        except SyntaxError:
+            return every
+    seen: set[str] = set()
+    while todo:
+        rel = todo.pop()
+        seen.add(rel)
+        todo |= _imported((pkg / rel).read_text(), pkg) - seen
+    return sorted(m for m in seen if Path(m).name not in _NOT_COMPUTING)
+
+
+def notebook_source(nb: Path) -> str:
+    """`source_hash` of the modules the notebook can run (`notebook_modules`)."""
+    return source_hash(notebook_modules(nb))
 
 
 def _code(source: str) -> bytes:
@@ -236,7 +298,7 @@ def notebook_hash(path: Path) -> str:
 def _key_parts(job: Job) -> dict[str, Any]:
     return {"notebook": notebook_hash(job.path),
             "params": json.loads(json.dumps(job.params, default=str)),
-            "version": __version__, "source": job.source or source_hash()}
+            "version": __version__, "source": job.source or notebook_source(job.path)}
 
 
 def _stamp_path(name: str, profile: str) -> Path:
@@ -273,7 +335,9 @@ def why_run(job: Job, profile: str) -> str | None:
         changed = sorted(k for k in new["params"] | old.get("params", {})
                          if new["params"].get(k) != old.get("params", {}).get(k))
         return f"parameters changed: {', '.join(changed)}"
-    if (old.get("version"), old.get("source")) != (new["version"], new["source"]):
+    # a run recorded before sources were scoped per notebook holds the whole package's hash:
+    # unchanged, it still counts (nothing changed at all)
+    if old.get("version") != new["version"] or old.get("source") not in (new["source"], source_hash()):
         return "sae_repro package changed"
     for name, entry in stamp.get("inputs", {}).items():
         if entry.get("path") is None:
@@ -502,7 +566,7 @@ def run_notebook(nb: Path, profile: str, overrides: dict[str, Any] | None = None
     if unknown:
         allowed = "\n  ".join(describe_parameter(k, v) for k, v in declared.items())
         raise ParameterError(f"{nb.stem}: unknown parameter(s) {unknown}; it takes:\n  {allowed}")
-    job, errors = _make_job(nb, profile, overrides, declared, source_hash(), _git_now())
+    job, errors = _make_job(nb, profile, overrides, declared, notebook_source(nb), _git_now())
     if errors:
         raise ParameterError("invalid parameter(s):\n  " + "\n  ".join(errors))
     return execute(job, profile, force)

@@ -54,7 +54,7 @@ def sandbox(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("SAE_REPRO_FIGURES", str(tmp_path / "figures"))
     monkeypatch.setenv("SAE_REPRO_CACHE", str(tmp_path / "cache"))
     # others may edit the package while the tests run; a source change is tested on its own
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "test-source")
     data = tmp_path / "data.txt"
     data.write_text("first version")
     _notebook(tmp_path / "notebooks" / "alpha.ipynb", 'profile = "default"\nalpha_n = 3',
@@ -90,7 +90,7 @@ def test_changed_data_or_package_reruns_what_depends_on_it(sandbox, monkeypatch)
     again = pipeline.run("ci")
     assert _status(again) == {"alpha": "ran", "beta": "skipped"}
     assert again[0].reason == "input data changed"
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "edited-source")
     again = pipeline.run("ci", jobs=2)
     assert [r.reason for r in again] == ["sae_repro package changed"] * 2
 
@@ -288,6 +288,54 @@ def test_source_hash_ignores_modules_no_notebook_computes_with(tmp_path, monkeyp
     assert pipeline.source_hash() != before
 
 
+def test_a_notebook_is_keyed_by_the_modules_it_can_run_only(tmp_path, monkeypatch):
+    pkg = tmp_path / "sae_repro"
+    (pkg / "sub").mkdir(parents=True)
+    files = {"__init__.py": "__version__ = '1'\n", "a.py": "from sae_repro.b import f\n",
+             "b.py": "def f():\n    from sae_repro import c  # a function-level import counts\n",
+             "c.py": "import sae_repro.sub.d\n", "sub/__init__.py": "", "sub/d.py": "x = 1\n",
+             "lone.py": "y = 2\n", "pipeline.py": "from sae_repro import lone\n", "other.py": "z = 0\n"}
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    monkeypatch.setattr(pipeline, "REPO", tmp_path)
+    nb = tmp_path / "nb.ipynb"
+    _notebook(nb, "k = 1", "%matplotlib inline\nfrom sae_repro.a import f\nfrom sae_repro import pipeline")
+    mods = pipeline.notebook_modules(nb)
+    # pipeline.py drives, it does not compute: left out, but what it imports can run
+    assert mods == ["__init__.py", "a.py", "b.py", "c.py", "lone.py", "sub/__init__.py", "sub/d.py"]
+    before, whole = pipeline.notebook_source(nb), pipeline.source_hash()
+    (pkg / "other.py").write_text("z = 3\n")  # no module the notebook runs imports it
+    assert pipeline.notebook_source(nb) == before and pipeline.source_hash() != whole
+    (pkg / "sub/d.py").write_text("x = 2\n")  # imported three modules down
+    assert pipeline.notebook_source(nb) != before
+    every = [p for p in files if p != "pipeline.py"]
+    assert pipeline.source_hash(every) == pipeline.source_hash()  # all of them: the whole package's
+    _notebook(nb, "k = 1", "from sae_repro.a import (\n    f,\n")  # does not parse: every module
+    assert pipeline.notebook_modules(nb) == sorted(every)
+
+
+def test_a_run_recorded_with_the_whole_packages_hash_is_still_current(sandbox, monkeypatch):
+    from sae_repro import book
+
+    pipeline.run("ci", only=["alpha"])
+    stamp_path = pipeline._stamp_path("alpha", "ci")
+    stamp = json.loads(stamp_path.read_text())
+    stamp["parts"]["source"] = "whole-package"  # as runs before per-notebook sources recorded it
+    stamp_path.write_text(json.dumps(stamp))
+    entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
+    entry["inputs"]["sae_repro"] = "0.1.0+whole-package"
+    monkeypatch.setattr(pipeline, "source_hash", lambda modules=None, pkg=None:
+                        "whole-package" if modules is None else "alpha-modules")
+    assert _status(pipeline.run("ci", only=["alpha"])) == {"alpha": "skipped"}
+    assert book.figure_status(entry) == "current"
+    monkeypatch.setattr(pipeline, "source_hash", lambda modules=None, pkg=None:
+                        "edited-package" if modules is None else "alpha-modules")
+    assert book.figure_status(entry) != "current"  # neither the whole nor its modules' hash
+    assert pipeline.why_run(pipeline.plan("ci", only=["alpha"])[0], "ci") == "sae_repro package changed"
+    assert book.figure_status(entry | {"inputs": entry["inputs"] | {"sae_repro": "0.1.0+alpha-modules"}}) \
+        == "current"
+
+
 def test_source_hash_counts_code_not_docstrings_or_comments(tmp_path, monkeypatch):
     pkg = tmp_path / "sae_repro"
     pkg.mkdir()
@@ -385,9 +433,9 @@ def test_the_book_says_which_figures_an_earlier_notebook_or_source_made(sandbox,
     entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
     assert book.figure_status(entry) == "current"
     assert "current" in book.figures_list()
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "edited-source")
     assert "computing source" in book.figure_status(entry)
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "test-source")
     nb = sandbox / "notebooks" / "alpha.ipynb"
     nb.write_text(nb.read_text().replace("alpha_n = 3", "alpha_n = 3  # edited"))
     assert "earlier version of its notebook" in book.figure_status(entry)
@@ -404,13 +452,13 @@ def test_a_verdict_stands_as_the_figures_of_its_run_do(sandbox, monkeypatch):
     assert book.verdict_status(verdict | {"stale": True}, manifest) == "stale"
     assert book.verdict_status(verdict | {"run_key": "other"}, manifest) == "run"  # not its figures' run
     assert book.verdict_status(verdict | {"notebook": "gamma"}, manifest) == "current"  # no figures to go by
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "edited-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "edited-source")
     assert book.verdict_status(verdict, manifest) == "source"
     badge = book._badge("partly", "source")
     assert 'sae-verdict-partly">partly</span>' in badge and 'sae-verdict-earlier"' in badge
     assert ">earlier source</span>" in badge and "computing source" in badge  # its title says why
     assert book._badge("partly") == '<span class="sae-verdict sae-verdict-partly">partly</span>'
-    monkeypatch.setattr(pipeline, "source_hash", lambda: "test-source")
+    monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "test-source")
     nb = sandbox / "notebooks" / "alpha.ipynb"
     nb.write_text(nb.read_text().replace("alpha_n = 3", "alpha_n = 3  # edited"))
     assert book.verdict_status(verdict, manifest) == "notebook"
