@@ -67,6 +67,7 @@ CI: dict[str, Any] = {
     "steer_n_contexts": 2,
     "steer_ctx_len": 16,
     "steer_scale": 0.25,
+    "steer_scales": [0.25, 1.0],
     "cards_n_latents": 3,
     "cards_n_top": 10,
     "tv_n_contexts": 2,
@@ -119,10 +120,11 @@ QUICK: dict[str, Any] = {
     "mc_finetune_fraction": 0.25,
     "gsae_ks": [16, 32],
     "gsae_betas": [3.0, 30.0],
-    "steer_n_latents": 8,
+    "steer_n_latents": 16,
     "steer_n_contexts": 4,
     "steer_ctx_len": 32,
     "steer_scale": 0.25,
+    "steer_scales": [0.125, 0.25, 0.5],
     "cards_n_latents": 8,
     "cards_n_top": 20,
     "tv_n_contexts": 4,
@@ -228,13 +230,17 @@ DEFAULT: dict[str, Any] = {
     # g-SAE chapter (gradient store, the zoo's training settings)
     "gsae_ks": [16, 32, 64],
     "gsae_betas": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
-    # steering: latents per SAE, unrelated contexts, their length, added norm / median token norm
-    "steer_n_latents": 32,
-    "steer_n_contexts": 8,
+    # steering: live latents per SAE (each paired with a random direction of the same norm),
+    # unrelated contexts and their length (256 latents x 3 SAE groups x 3 scales on 4 contexts
+    # of 32 tokens: ~2,300 passes through the blocks after the hook)
+    "steer_n_latents": 256,
+    "steer_n_contexts": 4,
     "steer_ctx_len": 32,
     # added norm / median token norm: at 1.0 every direction, random ones included, moved the
-    # output by the same ~3.5 nats (saturated); a quarter stays where directions differ
+    # output by the same ~3.5 nats (saturated); a quarter stays where directions differ. The
+    # latent cards steer at steer_scale, the g-SAE chapter's paired sweep at each of steer_scales
     "steer_scale": 0.25,
+    "steer_scales": [0.125, 0.25, 0.5],
     # latent cards and token views (the Reading the latents chapter): latents per SAE type,
     # top held-out activations per latent (the proxy is scored on latents firing at least this
     # often), held-out contexts in the token views
@@ -297,10 +303,11 @@ FULL: dict[str, Any] = {
     "mc_finetune_fraction": 0.25,
     "gsae_ks": [16, 32, 64],
     "gsae_betas": [1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
-    "steer_n_latents": 128,
+    "steer_n_latents": 512,
     "steer_n_contexts": 32,
     "steer_ctx_len": 64,
     "steer_scale": 0.25,
+    "steer_scales": [0.0625, 0.125, 0.25, 0.5],
     "cards_n_latents": 16,
     "cards_n_top": 20,
     "tv_n_contexts": 8,
@@ -382,6 +389,7 @@ RULES: dict[str, Rule] = {
     "steer_n_contexts": Rule(min=1),
     "steer_ctx_len": Rule(min=2),
     "steer_scale": Rule(min=0.0),
+    "steer_scales": Rule(min=1e-6),
     "cards_n_latents": Rule(min=1),
     "cards_n_top": Rule(min=2),
     "tv_n_contexts": Rule(min=1),

@@ -20,15 +20,23 @@ and compare the steered next-token distribution q with the clean one p:
 with a far larger norm, where a fixed addition does little).
 
 Every direction is run in the same batches of contexts, with several directions stacked into
-the batch dimension; the clean logits are computed once per batch of contexts.
+the batch dimension; the blocks before the hooked one and the clean logits run once per batch of
+contexts, each steered pass from the hooked block on (`start_at_layer`).
+
+`paired_steering` is the comparison the g-SAE chapter makes: every direction of each group (e.g.
+TopK and g-SAE latents) steered over a sweep of scales beside a random direction of the same
+norm, the i-th direction of every group paired with random direction i, so that each latent is
+scored against the baseline "any direction of that norm" on the same contexts
+(`log_kl_ratio`, `target_gain`), and `per_direction` averages those scores over the scales.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -166,18 +174,21 @@ def steering_per_position(
         targets = targets.long().to(model.cfg.device)
     kl = torch.zeros(n_dirs, n_ctx, ctx_len, dtype=torch.float64)
     delta = torch.zeros_like(kl) if targets is not None else None
+    layer = parse_hook(model, hook)
     ctx_per_pass = min(batch_size, n_ctx)
     dirs_per_pass = max(1, batch_size // ctx_per_pass)
     for c0 in range(0, n_ctx, ctx_per_pass):
         ctx = tokens[c0:c0 + ctx_per_pass]
         nb = ctx.shape[0]
+        # the blocks before the hooked one run once per batch of contexts; every pass starts there
+        resid = model(ctx, stop_at_layer=layer)  # [nb, L, d]: input of block `layer`
         # float64 log-probs so that tiny KLs (small scales) are not lost to float32 rounding.
-        clean = model(ctx).double().log_softmax(-1)  # [nb, L, V]
+        clean = model(resid, start_at_layer=layer).double().log_softmax(-1)  # [nb, L, V]
         p_clean = clean.exp()
         for d0 in range(0, n_dirs, dirs_per_pass):
             chunk = dirs[d0:d0 + dirs_per_pass]
             k = chunk.shape[0]
-            logits = model.run_with_hooks(ctx.repeat(k, 1),
+            logits = model.run_with_hooks(resid.repeat(k, 1, 1), start_at_layer=layer,
                                           fwd_hooks=[(hook, _add_hook(chunk, scale, positions, nb))])
             steered = logits.double().log_softmax(-1).view(k, nb, ctx_len, -1)  # [k, nb, L, V]
             kl[d0:d0 + k, c0:c0 + nb] = (p_clean * (clean - steered)).sum(-1).cpu()
@@ -273,3 +284,68 @@ def live_latents(density: Tensor, n: int, seed: int = 0) -> Tensor:
                          f"live latents of {len(density)})")
     pick = torch.randperm(len(live), generator=torch.Generator().manual_seed(seed))[:n]
     return live[pick].sort().values
+
+
+PAIRED = ("log_kl_ratio", "target_gain")  # paired_steering's scores of a direction against its random pair
+
+
+def paired_steering(
+    model: HookedTransformer,
+    hook: str,
+    directions: Mapping[str, Tensor],
+    tokens: Tensor,
+    *,
+    scales: Sequence[float],
+    seed: int = 0,
+    positions: Literal["all", "last"] = "all",
+    batch_size: int = 8,
+) -> pd.DataFrame:
+    """Each group's directions and their paired random directions, steered at every scale.
+
+    directions: group name -> [n_g, d_model] (normalised here; "random" is not a group name).
+    The i-th direction of every group is paired with random direction i (`random_directions(max
+    n_g, d_model, seed)`: one baseline shared by the groups, so their scores differ by the
+    directions alone). Each direction's target is its own `top_promoted_token`, the random
+    direction's too. scales: absolute added norms, each > 0.
+
+    One row per (group, direction, scale), groups in the order given and then "random" (its own
+    rows, `pair` = its index): kl, target_logprob_delta (means over contexts and steered
+    positions, `steering_effect`), random_kl and random_target_logprob_delta of its pair, and
+    log_kl_ratio = ln(kl / random_kl), target_gain = target_logprob_delta - that of the pair.
+    """
+    if not directions or "random" in directions:
+        raise ValueError(f"directions: expected named groups other than 'random', got {list(directions)}")
+    scales = [float(x) for x in scales]
+    if not scales or not all(math.isfinite(x) and x > 0 for x in scales):
+        raise ValueError(f"scales={scales}: expected a non-empty list of finite norms > 0")
+    n = max(len(_unit_directions(model, d)) for d in directions.values())
+    groups = dict(directions) | {"random": random_directions(n, model.cfg.d_model, seed=seed)}
+    frames = []
+    for scale in scales:
+        effects = {}
+        for name, dirs in groups.items():
+            df = steering_effect(model, hook, dirs, tokens, scale=scale, positions=positions,
+                                 targets=top_promoted_token(model, dirs), batch_size=batch_size)
+            effects[name] = df.assign(group=name, pair=df["direction"])
+        rand = effects["random"].set_index("pair")
+        for name, df in effects.items():
+            pair_kl = rand.loc[df["pair"], "kl"].to_numpy()
+            pair_delta = rand.loc[df["pair"], "target_logprob_delta"].to_numpy()
+            frames.append(df.assign(random_kl=pair_kl, random_target_logprob_delta=pair_delta,
+                                    log_kl_ratio=np.log(df["kl"].to_numpy() / pair_kl),
+                                    target_gain=df["target_logprob_delta"].to_numpy() - pair_delta))
+    order = {g: i for i, g in enumerate(groups)}
+    out = pd.concat(frames, ignore_index=True)
+    out = out.sort_values(["group", "direction", "scale"], key=lambda c: c.map(order) if c.name == "group" else c,
+                          kind="stable", ignore_index=True)
+    return out[["group", "direction", "pair", "scale", "positions", "kl", "kl_per_norm", "target",
+                "target_logprob_delta", "random_kl", "random_target_logprob_delta", *PAIRED]]
+
+
+def per_direction(paired: pd.DataFrame) -> pd.DataFrame:
+    """`paired_steering`'s rows averaged over the scales: one row per (group, direction) with the
+    mean log_kl_ratio and target_gain (the random group's are 0 by construction)."""
+    missing = {"group", "direction", *PAIRED} - set(paired.columns)
+    if missing:
+        raise ValueError(f"per_direction: expected paired_steering's rows, missing columns {sorted(missing)}")
+    return (paired.groupby(["group", "direction"], sort=False)[list(PAIRED)].mean().reset_index())

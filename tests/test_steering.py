@@ -3,8 +3,11 @@ import torch
 
 from sae_repro.models import load_model
 from sae_repro.steering import (
+    _add_hook,
     compare_steering,
     live_latents,
+    paired_steering,
+    per_direction,
     random_directions,
     steering_effect,
     steering_per_position,
@@ -133,3 +136,51 @@ def test_live_latents_draws_only_live_ones():
         live_latents(density, 0)
     with pytest.raises(ValueError, match="density"):
         live_latents(density[None], 1)
+
+
+def test_steering_from_the_hooked_block_equals_steering_the_whole_forward(model, tokens):
+    dirs = random_directions(2, model.cfg.d_model, seed=7)
+    res = steering_per_position(model, FIRST, dirs, tokens, scale=4.0)
+    with torch.no_grad():
+        clean = model(tokens).double().log_softmax(-1)
+        for j in range(2):
+            steered = model.run_with_hooks(tokens, fwd_hooks=[(FIRST, _add_hook(dirs[j:j + 1], 4.0, "all", 4))])
+            kl = (clean.exp() * (clean - steered.double().log_softmax(-1))).sum(-1)  # [n_ctx, L]
+            torch.testing.assert_close(res.kl[j], kl, atol=1e-6, rtol=1e-4)
+
+
+def test_paired_steering_scores_each_direction_against_its_random_pair(model, tokens):
+    targets = torch.tensor([5, 65, 200])
+    aligned = model.W_U.detach().T[targets]  # promote their tokens
+    rand = random_directions(2, model.cfg.d_model, seed=11)
+    out = paired_steering(model, LAST, {"aligned": aligned, "other": rand}, tokens, scales=[10.0, 40.0], seed=3)
+    assert list(out["group"].unique()) == ["aligned", "other", "random"]
+    assert len(out) == (3 + 2 + 3) * 2  # every direction at every scale; 3 random ones (the largest group)
+    assert (out["pair"] == out["direction"]).all()
+    baseline = random_directions(3, model.cfg.d_model, seed=3)
+    ref = steering_effect(model, LAST, baseline, tokens, scale=40.0, targets=top_promoted_token(model, baseline))
+    row = out[(out["group"] == "aligned") & (out["direction"] == 2) & (out["scale"] == 40.0)].iloc[0]
+    assert row["random_kl"] == pytest.approx(ref["kl"][2], rel=1e-9)
+    assert row["log_kl_ratio"] == pytest.approx(float(torch.tensor(row["kl"] / ref["kl"][2]).log()), rel=1e-9)
+    assert row["target_gain"] == pytest.approx(row["target_logprob_delta"] - ref["target_logprob_delta"][2])
+    rnd = out[out["group"] == "random"]
+    assert (rnd["log_kl_ratio"].abs() < 1e-12).all() and (rnd["target_gain"].abs() < 1e-12).all()
+    assert (out[out["group"] == "aligned"]["target_gain"] > 1.0).all()  # far above any direction of that norm
+    per = per_direction(out)
+    assert len(per) == 8 and list(per.columns) == ["group", "direction", "log_kl_ratio", "target_gain"]
+    mine = out[(out["group"] == "other") & (out["direction"] == 1)]
+    got = per[(per["group"] == "other") & (per["direction"] == 1)].iloc[0]
+    assert got["target_gain"] == pytest.approx(mine["target_gain"].mean())  # averaged over the scales
+
+
+def test_paired_steering_rejects_bad_groups_and_scales(model, tokens):
+    u = random_directions(2, model.cfg.d_model)
+    with pytest.raises(ValueError, match="other than 'random'"):
+        paired_steering(model, LAST, {"random": u}, tokens, scales=[1.0])
+    with pytest.raises(ValueError, match="other than 'random'"):
+        paired_steering(model, LAST, {}, tokens, scales=[1.0])
+    for scales in ([], [0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="scales="):
+            paired_steering(model, LAST, {"a": u}, tokens, scales=scales)
+    with pytest.raises(ValueError, match="missing columns"):
+        per_direction(steering_effect(model, LAST, u, tokens, scale=1.0))
