@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--force", action="store_true", help="rerun even if inputs are unchanged")
     r.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run up to N independent notebooks in parallel processes")
+    r.add_argument("--dry-run", action="store_true",
+                   help="say which notebooks would run and why (parameters checked), and run none")
     sub.add_parser("book", help="build the HTML book from the executed notebooks")
     ls = sub.add_parser("list", help="show notebooks, profiles and figures")
     ls.add_argument("--profile", choices=PROFILE_NAMES, default=None,
@@ -87,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # so that Ctrl-C or `kill -INT` stops a run cleanly (nothing published) however it was started.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        if args.cmd == "run":
+        if args.cmd == "run" and args.dry_run:
+            for name, why in pipeline.pending(args.profile, args.only, {k: _value(v) for k, v in args.p}):
+                detail = "current" if why is None and not args.force else f"would run ({why or '--force'})"
+                print(f"[sae-repro] {name} ({args.profile}): {detail}", flush=True)
+        elif args.cmd == "run":
             pipeline.run(args.profile, args.only, {k: _value(v) for k, v in args.p}, args.force,
                          jobs=args.jobs)
         elif args.cmd == "book":

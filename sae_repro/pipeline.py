@@ -593,6 +593,13 @@ def _ordered(jobs: list[Job]) -> list[Job]:
     return done
 
 
+def pending(profile: str, only: list[str] | None = None,
+            overrides: dict[str, Any] | None = None) -> list[tuple[str, str | None]]:
+    """(notebook, why it would run, or None if its figures are current) for the notebooks `run`
+    would take, in its order: what `sae-repro run --dry-run` prints. Starts no kernel."""
+    return [(job.name, why_run(job, profile)) for job in _ordered(plan(profile, only, overrides))]
+
+
 def run(profile: str, only: list[str] | None = None, overrides: dict[str, Any] | None = None,
         force: bool = False, jobs: int = 1) -> list[RunResult]:
     """Run the selected notebooks (all by default); `jobs` > 1 runs independent ones in parallel

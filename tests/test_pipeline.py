@@ -95,6 +95,21 @@ def test_changed_data_or_package_reruns_what_depends_on_it(sandbox, monkeypatch)
     assert [r.reason for r in again] == ["sae_repro package changed"] * 2
 
 
+def test_dry_run_says_what_would_run_and_why_and_runs_nothing(sandbox, capsys):
+    assert cli.main(["run", "--profile", "ci", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha (ci): would run (no executed copy)" in out and "beta (ci): would run" in out
+    assert not (sandbox / "figures" / "manifest.json").exists()  # nothing ran
+    pipeline.run("ci")
+    assert cli.main(["run", "--profile", "ci", "--dry-run", "-p", "alpha_n", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "alpha (ci): would run (parameters changed: alpha_n)" in out and "beta (ci): current" in out
+    assert cli.main(["run", "--profile", "ci", "--dry-run", "--force", "--only", "beta"]) == 0
+    assert capsys.readouterr().out.strip() == "[sae-repro] beta (ci): would run (--force)"
+    assert cli.main(["run", "--profile", "ci", "--dry-run", "-p", "nope", "1"]) == 1  # checked as a run is
+    assert pipeline.pending("ci") == [("alpha", None), ("beta", None)]
+
+
 def test_failing_notebook_exits_nonzero_and_keeps_the_previous_figure_marked_stale(
         sandbox, capsys):
     assert cli.main(["run", "--profile", "ci"]) == 0
