@@ -200,25 +200,30 @@ _STATUS_BADGE = {"stale": "stale", "notebook": "earlier notebook", "source": "ea
                  "run": "earlier run"}
 
 
-def verdict_status(verdict: dict, manifest: dict, source: str | None = None) -> str:
+def verdict_status(verdict: dict, manifest: dict, source: str | None = None, runs: dict | None = None) -> str:
     """How a recorded verdict stands: that of the figures its run published (a run publishes its
     figures and verdicts together, under one run key), so a verdict from an earlier notebook or
     computing source says so as its figures do. "run": no figure of its notebook carries its run
-    key (the figures were remade since). manifest: the profile's figures manifest."""
+    key (the figures were remade since). A notebook without figures is judged by its last run's
+    record (runs: the profile's runs.json), "run" if it has none. manifest: the profile's figures
+    manifest."""
     if verdict.get("stale"):
         return "stale"
-    mine = [e for e in manifest.values() if e["notebook"] == verdict["notebook"]]
+    mine = [e for e in manifest.values() if e["notebook"] == verdict.get("notebook")]
     made = [e for e in mine if e.get("run_key") == verdict.get("run_key")]
     if made:
         return _standing(made[0], source)
-    return "run" if mine else "current"
+    record = (runs or {}).get(verdict.get("notebook"), {})
+    if not mine and record.get("inputs"):
+        return _standing({"notebook": verdict["notebook"], "inputs": record["inputs"]}, source)
+    return "run"
 
 
 def _statuses(prof: str, verdicts: list[dict]) -> list[str]:
     """verdict_status of each verdict of a profile, reading the manifest and the source once."""
-    manifest = read_json(figures_dir(prof) / "manifest.json")
+    manifest, runs = read_json(figures_dir(prof) / "manifest.json"), _runs(prof)
     source = f"{sae_repro.__version__}+{pipeline.source_hash()}"
-    return [verdict_status(v, manifest, source) for v in verdicts]
+    return [verdict_status(v, manifest, source, runs) for v in verdicts]
 
 
 def figures_list() -> str:

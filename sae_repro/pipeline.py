@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +97,7 @@ class Job:
     params: dict[str, Any]
     overrides: dict[str, Any]
     after: list[str] = field(default_factory=list)
-    source: str = ""  # the hash of the package source it runs (notebook_source), taken when planned
+    source: str = ""  # the hash of the package source it runs (notebook_source), retaken as it starts
     git: dict[str, Any] = field(default_factory=dict)  # commit and dirty, taken then too
 
     @property
@@ -224,16 +224,46 @@ def _module_file(dotted: str, pkg: Path) -> str | None:
     return None
 
 
-def _imported(code: str, pkg: Path) -> set[str]:
-    """The package's modules (files relative to it) that `code` imports, anywhere in it: a
-    function-level import counts too, so the set is never smaller than what runs."""
+# IPython magics that run none of our code; any other magic, a shell escape or a dynamic import
+# makes a static scan blind, and then the notebook counts as running every module
+_HARMLESS_MAGICS = ("matplotlib", "config")
+
+
+def _blind(tree: ast.AST) -> bool:
+    """Could `tree` run package code that its import statements do not name? (a magic other than
+    _HARMLESS_MAGICS, a shell escape, exec / eval / __import__ / importlib.import_module / runpy)"""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            name, args = node.func.attr, node.args
+            if name in ("run_line_magic", "run_cell_magic"):
+                if not (args and isinstance(args[0], ast.Constant) and args[0].value in _HARMLESS_MAGICS):
+                    return True
+            elif name in ("system", "getoutput", "import_module"):
+                return True
+        if isinstance(node, ast.Name) and node.id in ("exec", "eval", "__import__", "import_module"):
+            return True
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(m.split(".")[0] == "runpy" for m in mods):
+                return True
+    return False
+
+
+def _imported(tree: ast.AST, pkg: Path, package: str = "") -> set[str]:
+    """The package's modules (files relative to it) that `tree` imports, anywhere in it: a
+    function-level import counts too, so the set is never smaller than what runs. package: the
+    dotted package a module of ours sits in, which its relative imports start from."""
     found = set()
-    for node in ast.walk(ast.parse(code)):
+    for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]  # a name may be a module
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from . import x / from .a import x, relative to `package`
+                up = package.split(".")[:len(package.split(".")) - (node.level - 1)] if package else []
+                base = ".".join(up + ([base] if base else []))
+            names = [base] + [f"{base}.{a.name}" for a in node.names]  # a name may be a module
         for dotted in names:
             for i in range(1, dotted.count(".") + 2):  # importing a.b.c imports a and a.b first
                 if (f := _module_file(".".join(dotted.split(".")[:i]), pkg)) is not None:
@@ -241,28 +271,59 @@ def _imported(code: str, pkg: Path) -> set[str]:
     return found
 
 
+def _parse_cell(code: str) -> ast.AST | None:
+    """A code cell as Python: as written, else with its IPython magics turned into the calls
+    IPython makes of them (`get_ipython().run_line_magic(...)`); None if neither parses."""
+    try:
+        return ast.parse(code)
+    except SyntaxError:
+        pass
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        return ast.parse(TransformerManager().transform_cell(code))
+    except (ImportError, SyntaxError):
+        return None
+
+
+def _every_module(pkg: Path) -> list[str]:
+    return sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if p.name not in _NOT_COMPUTING)
+
+
+def blind_cells(nb: Path) -> list[int]:
+    """Indices of the notebook's code cells a static scan cannot read (`_parse_cell`, `_blind`):
+    with any, the notebook counts as running every module."""
+    cells = json.loads(nb.read_text()).get("cells", [])
+    out = []
+    for i, cell in enumerate(cells):
+        if cell.get("cell_type") == "code":
+            tree = _parse_cell("".join(cell.get("source", "")))
+            if tree is None or _blind(tree):
+                out.append(i)
+    return out
+
+
 def notebook_modules(nb: Path, pkg: Path | None = None) -> list[str]:
     """The package's computing modules a notebook's code can run: those its code cells import
-    and, closed over, those they import (static, conservative: `sae_repro` has no dynamic
-    imports). A change elsewhere in the package cannot change what the notebook computes, so it
-    does not rerun it. IPython magic lines (`%`, `!`) are left out; a cell that still does not
-    parse counts as importing every module."""
+    and, closed over, those they import (static and conservative: a cell or module the scan cannot
+    read, `blind_cells` / `_blind`, makes it every module). A change elsewhere in the package
+    cannot change what the notebook computes, so it does not rerun it."""
     pkg = pkg or REPO / "sae_repro"
-    every = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if p.name not in _NOT_COMPUTING)
+    if blind_cells(nb):
+        return _every_module(pkg)
     todo: set[str] = set()
     for cell in json.loads(nb.read_text()).get("cells", []):
-        if cell.get("cell_type") != "code":
-            continue
-        lines = "".join(cell.get("source", "")).splitlines()
-        try:
-            todo |= _imported("\n".join(ln for ln in lines if ln.lstrip()[:1] not in ("%", "!")), pkg)
-        except SyntaxError:
-            return every
+        if cell.get("cell_type") == "code":
+            todo |= _imported(_parse_cell("".join(cell.get("source", ""))), pkg)
     seen: set[str] = set()
     while todo:
         rel = todo.pop()
         seen.add(rel)
-        todo |= _imported((pkg / rel).read_text(), pkg) - seen
+        tree = ast.parse((pkg / rel).read_text())
+        if _blind(tree):
+            return _every_module(pkg)
+        parent = ".".join([pkg.name, *Path(rel).parent.parts])  # the package `rel` sits in
+        todo |= _imported(tree, pkg, parent) - seen
     return sorted(m for m in seen if Path(m).name not in _NOT_COMPUTING)
 
 
@@ -426,8 +487,25 @@ def _record_run(profile: str, name: str, info: dict[str, Any], keep: bool = Fals
     update_json(figures_dir(profile) / "runs.json", put)
 
 
+def _as_now(job: Job) -> Job:
+    """The job keyed by the source its notebook runs as it starts, not as it was planned (a long
+    run's later notebooks start after edits made since)."""
+    return replace(job, source=notebook_source(job.path))
+
+
+def _code_digest(nb: Path) -> str:
+    """The notebook's bytes and the code of the modules it can run, as they are now: compared
+    before and after a run, so that a run during which either was edited publishes nothing."""
+    pkg = REPO / "sae_repro"
+    h = hashlib.sha256(nb.read_bytes())
+    for rel in notebook_modules(nb, pkg):
+        h.update(rel.encode() + b"\0" + _code((pkg / rel).read_text()))
+    return h.hexdigest()
+
+
 def execute(job: Job, profile: str, force: bool = False) -> RunResult:
     """Run one planned notebook into the executed folder, unless its inputs are unchanged."""
+    job = _as_now(job)
     reason = "forced" if force else why_run(job, profile)
     if reason is None:
         return RunResult(job.name, "skipped", 0.0, "inputs unchanged")
@@ -441,7 +519,7 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
     runs = cache_dir() / "runs" / profile
     running, staging = _running_path(job.name, profile), _staging_dir(job.name, profile)
     _clean_leftovers(job, staging)
-    parts = _key_parts(job)
+    parts, code_at_start = _key_parts(job), _code_digest(job.path)
     sidecar = _write_sidecar(job, runs, parts, staging)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     write_json(running, {"started": started, "params": job.params})
@@ -451,6 +529,10 @@ def _execute(job: Job, profile: str, reason: str) -> RunResult:
         timing = runs / f"{job.name}.timing.json"
         with _kernel_env(sidecar, runs / f"{job.name}.progress", timing, job.name):
             _run_papermill(job, profile, runs, started)
+        if _code_digest(job.path) != code_at_start:
+            raise NotebookFailed(f"{job.name}: its notebook or the package code it runs was edited while it "
+                                 f"ran, so its figures may come from either version: nothing published, "
+                                 f"run it again")
         key = hash_inputs(parts)
         publish(staging, job.name, profile, key)
         seconds = time.time() - t0
@@ -636,6 +718,7 @@ def _run_parallel(planned: list[Job], profile: str, force: bool, jobs: int) -> l
             if failure is None:
                 for job in [j for j in pending if all(a in done or a not in names for a in j.after)]:
                     pending.remove(job)
+                    job = _as_now(job)
                     # decided here, once the notebooks it reads from have finished
                     reason = "forced" if force else why_run(job, profile)
                     if reason is None:

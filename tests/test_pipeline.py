@@ -326,7 +326,42 @@ def test_a_notebook_is_keyed_by_the_modules_it_can_run_only(tmp_path, monkeypatc
     every = [p for p in files if p != "pipeline.py"]
     assert pipeline.source_hash(every) == pipeline.source_hash()  # all of them: the whole package's
     _notebook(nb, "k = 1", "from sae_repro.a import (\n    f,\n")  # does not parse: every module
+    assert pipeline.notebook_modules(nb) == sorted(every) and pipeline.blind_cells(nb) == [2]
+    # a relative import inside the package counts; so does the code a magic line runs
+    (pkg / "sub" / "d.py").write_text("from . import e\nfrom .. import lone\n")
+    (pkg / "sub" / "e.py").write_text("")
+    _notebook(nb, "%matplotlib inline\nk = 1", "import sae_repro.sub.d\nx = (1\n     != 2)")
+    assert pipeline.notebook_modules(nb) == ["__init__.py", "lone.py", "sub/__init__.py", "sub/d.py", "sub/e.py"]
+    every += ["sub/e.py"]
+    for blind in ("%time from sae_repro import c", "!python -m sae_repro.c", "import importlib\n"
+                  "importlib.import_module('sae_repro.c')", "__import__('sae_repro.c')",
+                  "if True:\n    %time import sae_repro.c"):
+        _notebook(nb, "k = 1", blind)
+        assert pipeline.notebook_modules(nb) == sorted(every), blind
+    (pkg / "lone.py").write_text("import runpy\n")  # a module the scan cannot follow: every module
+    _notebook(nb, "k = 1", "import sae_repro.sub.d")
     assert pipeline.notebook_modules(nb) == sorted(every)
+
+
+def test_no_notebook_of_ours_is_blind_to_the_scan():
+    """Every chapter's imports are read statically (a blind cell would make it rerun on any edit)."""
+    nbs = sorted((REPO / "notebooks").glob("*.ipynb"))
+    assert nbs and all(pipeline.blind_cells(nb) == [] for nb in nbs), {nb.stem: pipeline.blind_cells(nb) for nb in nbs}
+    every = pipeline._every_module(REPO / "sae_repro")
+    assert "steering.py" not in pipeline.notebook_modules(REPO / "notebooks" / "dark_matter_scaling.ipynb")
+    assert set(pipeline.notebook_modules(REPO / "notebooks" / "gradient_sae.ipynb")) < set(every)
+
+
+def test_a_notebook_edited_while_it_runs_publishes_nothing(sandbox):
+    nb = sandbox / "notebooks" / "gamma.ipynb"
+    _notebook(nb, 'profile = "default"\ngamma_n = 1',
+              _BODY.format(name="gamma", value="gamma_n", params="dict(gamma_n=gamma_n)",
+                           extra=f"import pathlib\np = pathlib.Path({str(nb)!r})\n"
+                                 "p.write_text(p.read_text().replace('gamma_n = 1', 'gamma_n = 1  # edited'))"))
+    with pytest.raises(pipeline.NotebookFailed, match="edited while it ran"):
+        pipeline.run("ci", only=["gamma"])
+    assert "gamma-fig" not in figures.read_json(sandbox / "figures" / "manifest.json")  # nothing published
+    assert pipeline.pending("ci", only=["gamma"]) == [("gamma", "its last run did not finish")]
 
 
 def test_a_run_recorded_with_the_whole_packages_hash_is_still_current(sandbox, monkeypatch):
@@ -337,7 +372,8 @@ def test_a_run_recorded_with_the_whole_packages_hash_is_still_current(sandbox, m
     stamp = json.loads(stamp_path.read_text())
     stamp["parts"]["source"] = "whole-package"  # as runs before per-notebook sources recorded it
     stamp_path.write_text(json.dumps(stamp))
-    entry = json.loads((sandbox / "figures" / "manifest.json").read_text())["alpha-fig"]
+    manifest = json.loads((sandbox / "figures" / "manifest.json").read_text())
+    entry = manifest["alpha-fig"]
     entry["inputs"]["sae_repro"] = "0.1.0+whole-package"
     monkeypatch.setattr(pipeline, "source_hash", lambda modules=None, pkg=None:
                         "whole-package" if modules is None else "alpha-modules")
@@ -349,6 +385,9 @@ def test_a_run_recorded_with_the_whole_packages_hash_is_still_current(sandbox, m
     assert pipeline.why_run(pipeline.plan("ci", only=["alpha"])[0], "ci") == "sae_repro package changed"
     assert book.figure_status(entry | {"inputs": entry["inputs"] | {"sae_repro": "0.1.0+alpha-modules"}}) \
         == "current"
+    verdict = {"notebook": "alpha", "run_key": entry["run_key"]}
+    fresh = {"alpha-fig": entry | {"inputs": entry["inputs"] | {"sae_repro": "0.1.0+alpha-modules"}}}
+    assert book.verdict_status(verdict, fresh) == "current"  # the whole package changed, not its modules
 
 
 def test_source_hash_counts_code_not_docstrings_or_comments(tmp_path, monkeypatch):
@@ -466,7 +505,15 @@ def test_a_verdict_stands_as_the_figures_of_its_run_do(sandbox, monkeypatch):
     assert book.verdict_status(verdict, manifest) == "current"
     assert book.verdict_status(verdict | {"stale": True}, manifest) == "stale"
     assert book.verdict_status(verdict | {"run_key": "other"}, manifest) == "run"  # not its figures' run
-    assert book.verdict_status(verdict | {"notebook": "gamma"}, manifest) == "current"  # no figures to go by
+    gamma = verdict | {"notebook": "gamma"}  # a notebook without figures: judged by its last run's record
+    assert book.verdict_status(gamma, manifest) == "run"  # no record either
+    gamma_nb = sandbox / "notebooks" / "gamma.ipynb"
+    gamma_nb.write_bytes((sandbox / "notebooks" / "alpha.ipynb").read_bytes())
+    record = {"gamma": {"inputs": {"notebook": pipeline.notebook_hash(gamma_nb), "sae_repro": "0.1.0+old"}}}
+    assert book.verdict_status(gamma, manifest, runs=record) == "source"
+    record["gamma"]["inputs"]["sae_repro"] = "0.1.0+test-source"
+    assert book.verdict_status(gamma, manifest, runs=record) == "current"
+    gamma_nb.unlink()
     monkeypatch.setattr(pipeline, "source_hash", lambda *a, **k: "edited-source")
     assert book.verdict_status(verdict, manifest) == "source"
     badge = book._badge("partly", "source")
