@@ -660,18 +660,18 @@ def _report(r: RunResult, profile: str) -> None:
 
 
 def _ordered(jobs: list[Job]) -> list[Job]:
-    """Jobs in an order where each comes after the selected notebooks it depends on."""
+    """The jobs in the order given (`--only`'s, else by name), each moved only as far as it must be
+    to come after the selected notebooks it depends on."""
     names = {j.name for j in jobs}
     done: list[Job] = []
     pending = list(jobs)
     while pending:
-        ready = [j for j in pending if all(a in {d.name for d in done} or a not in names
-                                           for a in j.after)]
-        if not ready:
-            raise ValueError(f"notebooks depend on each other in a cycle: "
-                             f"{[j.name for j in pending]}")
-        done += ready
-        pending = [j for j in pending if j not in ready]
+        finished = {d.name for d in done}
+        ready = next((j for j in pending if all(a in finished or a not in names for a in j.after)), None)
+        if ready is None:
+            raise ValueError(f"notebooks depend on each other in a cycle: {[j.name for j in pending]}")
+        done.append(ready)
+        pending.remove(ready)
     return done
 
 

@@ -95,6 +95,19 @@ def test_changed_data_or_package_reruns_what_depends_on_it(sandbox, monkeypatch)
     assert [r.reason for r in again] == ["sae_repro package changed"] * 2
 
 
+def test_notebooks_run_in_the_order_asked_after_what_they_depend_on():
+    def job(name, after=()):
+        return pipeline.Job(Path(f"{name}.ipynb"), {}, {}, list(after))
+
+    given = [job("zoo"), job("gsae", ["zoo"]), job("latents", ["gsae"]), job("layers"), job("cross", ["zoo"])]
+    assert [j.name for j in pipeline._ordered(given)] == ["zoo", "gsae", "latents", "layers", "cross"]
+    given = [job("gsae", ["zoo"]), job("layers"), job("zoo")]  # moved only as far as it must
+    assert [j.name for j in pipeline._ordered(given)] == ["layers", "zoo", "gsae"]
+    assert [j.name for j in pipeline._ordered([job("gsae", ["zoo"])])] == ["gsae"]  # zoo not selected
+    with pytest.raises(ValueError, match="cycle"):
+        pipeline._ordered([job("a", ["b"]), job("b", ["a"])])
+
+
 def test_dry_run_says_what_would_run_and_why_and_runs_nothing(sandbox, capsys):
     assert cli.main(["run", "--profile", "ci", "--dry-run"]) == 0
     out = capsys.readouterr().out
