@@ -183,6 +183,7 @@ _STATUS_TEXT = {
     "stale": "**stale**: its notebook's last run failed",
     "notebook": "**from an earlier version of its notebook** (a run would remake it)",
     "source": "from an earlier version of the package's computing source (a run would remake it)",
+    "run": "from a run other than the one that made its chapter's figures",  # verdicts only
 }
 
 
@@ -270,7 +271,7 @@ def _badge(verdict: str, status: str = "current") -> str:
     slug = verdict.replace(" ", "-")
     text = f'<span class="sae-verdict sae-verdict-{slug}">{html.escape(verdict)}</span>'
     if status != "current":
-        why = _STATUS_TEXT.get(status, "from a run other than the one that made its chapter's figures")
+        why = _STATUS_TEXT[status]
         text += (f' <span class="sae-verdict sae-verdict-{"stale" if status == "stale" else "earlier"}" '
                  f'title="{html.escape(why.replace("**", ""))}">{_STATUS_BADGE[status]}</span>')
     return text

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -205,11 +206,15 @@ def source_hash(modules: list[str] | None = None, pkg: Path | None = None) -> st
     rewording them changes no number."""
     h = hashlib.sha256()
     pkg = pkg or REPO / "sae_repro"
-    for p in sorted(pkg.rglob("*.py")):
-        rel = str(p.relative_to(pkg))
-        if p.name not in _NOT_COMPUTING and (modules is None or rel in modules):
-            h.update(rel.encode() + b"\0" + _code(p.read_text()))
+    for rel in _every_module(pkg):
+        if modules is None or rel in modules:
+            h.update(rel.encode() + b"\0" + _code((pkg / rel).read_text()))
     return h.hexdigest()[:16]
+
+
+def _every_module(pkg: Path) -> list[str]:
+    """Every computing module of the package, as paths relative to it (in the order hashed)."""
+    return [str(p.relative_to(pkg)) for p in sorted(pkg.rglob("*.py")) if p.name not in _NOT_COMPUTING]
 
 
 def _module_file(dotted: str, pkg: Path) -> str | None:
@@ -249,26 +254,36 @@ def _blind(tree: ast.AST) -> bool:
     return False
 
 
-def _imported(tree: ast.AST, pkg: Path, package: str = "") -> set[str]:
-    """The package's modules (files relative to it) that `tree` imports, anywhere in it: a
-    function-level import counts too, so the set is never smaller than what runs. package: the
+def _import_names(tree: ast.AST, package: str = "") -> list[str]:
+    """Every dotted name `tree` imports, anywhere in it (a function-level import counts too, so
+    the set is never smaller than what runs), with the packages above each (importing a.b.c
+    imports a and a.b first) and `from m import n` also as m.n (n may be a module). package: the
     dotted package a module of ours sits in, which its relative imports start from."""
-    found = set()
+    names = []
     for node in ast.walk(tree):
-        names = []
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # from . import x / from .a import x, relative to `package`
-                up = package.split(".")[:len(package.split(".")) - (node.level - 1)] if package else []
-                base = ".".join(up + ([base] if base else []))
-            names = [base] + [f"{base}.{a.name}" for a in node.names]  # a name may be a module
-        for dotted in names:
-            for i in range(1, dotted.count(".") + 2):  # importing a.b.c imports a and a.b first
-                if (f := _module_file(".".join(dotted.split(".")[:i]), pkg)) is not None:
-                    found.add(f)
-    return found
+                parts = package.split(".") if package else []
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+            names += [base] + [f"{base}.{a.name}" for a in node.names]
+    return [".".join(d.split(".")[:i]) for d in names for i in range(1, d.count(".") + 2)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _scan(text: str, package: str = "", cell: bool = False) -> tuple[bool, tuple[str, ...]] | None:
+    """(blind, imported names) of a module's text or a code cell's (`_blind`, `_import_names`);
+    None for a cell that does not parse. A pure function of the text, so cached: a run plans,
+    keys and checks every notebook's modules several times."""
+    tree = _parse_cell(text) if cell else ast.parse(text)
+    return None if tree is None else (_blind(tree), tuple(_import_names(tree, package)))
+
+
+def _files(names: tuple[str, ...], pkg: Path) -> set[str]:
+    """The package's modules (files relative to it) among dotted names."""
+    return {f for d in names if (f := _module_file(d, pkg)) is not None}
 
 
 def _parse_cell(code: str) -> ast.AST | None:
@@ -286,21 +301,17 @@ def _parse_cell(code: str) -> ast.AST | None:
         return None
 
 
-def _every_module(pkg: Path) -> list[str]:
-    return sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if p.name not in _NOT_COMPUTING)
+def _code_cells(nb: Path) -> dict[int, tuple[bool, tuple[str, ...]] | None]:
+    """The notebook's code cells scanned (`_scan`), by their index among all cells."""
+    cells = json.loads(nb.read_text()).get("cells", [])
+    return {i: _scan("".join(c.get("source", "")), cell=True) for i, c in enumerate(cells)
+            if c.get("cell_type") == "code"}
 
 
 def blind_cells(nb: Path) -> list[int]:
     """Indices of the notebook's code cells a static scan cannot read (`_parse_cell`, `_blind`):
     with any, the notebook counts as running every module."""
-    cells = json.loads(nb.read_text()).get("cells", [])
-    out = []
-    for i, cell in enumerate(cells):
-        if cell.get("cell_type") == "code":
-            tree = _parse_cell("".join(cell.get("source", "")))
-            if tree is None or _blind(tree):
-                out.append(i)
-    return out
+    return [i for i, scanned in _code_cells(nb).items() if scanned is None or scanned[0]]
 
 
 def notebook_modules(nb: Path, pkg: Path | None = None) -> list[str]:
@@ -309,21 +320,19 @@ def notebook_modules(nb: Path, pkg: Path | None = None) -> list[str]:
     read, `blind_cells` / `_blind`, makes it every module). A change elsewhere in the package
     cannot change what the notebook computes, so it does not rerun it."""
     pkg = pkg or REPO / "sae_repro"
-    if blind_cells(nb):
-        return _every_module(pkg)
-    todo: set[str] = set()
-    for cell in json.loads(nb.read_text()).get("cells", []):
-        if cell.get("cell_type") == "code":
-            todo |= _imported(_parse_cell("".join(cell.get("source", ""))), pkg)
+    cells = list(_code_cells(nb).values())
+    if any(scanned is None or scanned[0] for scanned in cells):
+        return sorted(_every_module(pkg))
+    todo: set[str] = set().union(*(_files(names, pkg) for _, names in cells))
     seen: set[str] = set()
     while todo:
         rel = todo.pop()
         seen.add(rel)
-        tree = ast.parse((pkg / rel).read_text())
-        if _blind(tree):
-            return _every_module(pkg)
         parent = ".".join([pkg.name, *Path(rel).parent.parts])  # the package `rel` sits in
-        todo |= _imported(tree, pkg, parent) - seen
+        blind, names = _scan((pkg / rel).read_text(), parent)
+        if blind:
+            return sorted(_every_module(pkg))
+        todo |= _files(names, pkg) - seen
     return sorted(m for m in seen if Path(m).name not in _NOT_COMPUTING)
 
 
@@ -332,6 +341,7 @@ def notebook_source(nb: Path) -> str:
     return source_hash(notebook_modules(nb))
 
 
+@functools.lru_cache(maxsize=1024)  # a pure function of the text; every run key hashes it
 def _code(source: str) -> bytes:
     """A module's source without its docstrings (by their line ranges, which every Python 3.8+
     parser gives alike) and without comment-only and blank lines."""
@@ -398,7 +408,8 @@ def why_run(job: Job, profile: str) -> str | None:
         return f"parameters changed: {', '.join(changed)}"
     # a run recorded before sources were scoped per notebook holds the whole package's hash:
     # unchanged, it still counts (nothing changed at all)
-    if old.get("version") != new["version"] or old.get("source") not in (new["source"], source_hash()):
+    if old.get("version") != new["version"] or (old.get("source") != new["source"]
+                                                 and old.get("source") != source_hash()):
         return "sae_repro package changed"
     for name, entry in stamp.get("inputs", {}).items():
         if entry.get("path") is None:
@@ -496,11 +507,7 @@ def _as_now(job: Job) -> Job:
 def _code_digest(nb: Path) -> str:
     """The notebook's bytes and the code of the modules it can run, as they are now: compared
     before and after a run, so that a run during which either was edited publishes nothing."""
-    pkg = REPO / "sae_repro"
-    h = hashlib.sha256(nb.read_bytes())
-    for rel in notebook_modules(nb, pkg):
-        h.update(rel.encode() + b"\0" + _code((pkg / rel).read_text()))
-    return h.hexdigest()
+    return f"{notebook_hash(nb)}+{notebook_source(nb)}"
 
 
 def execute(job: Job, profile: str, force: bool = False) -> RunResult:
